@@ -1,0 +1,235 @@
+"""The one place that reads the command line and the TOML file into a frozen :class:`Config`.
+
+File layout (every key is documented in ``etc/questsig.toml``)::
+
+    state-dir = "/var/lib/questsig"     # top-level keys: GLOBALS below
+    [hub]                               # one table per mode: mode-wide settings, and defaults
+    dialect = "master"                  #   for the listener-scope settings of its mounts
+    [[listener]]
+    endpoint = "tcp:8000"
+    [[listener.mount]]
+    path = "/"
+    mode = "hub"
+    dialect = "2.0.2"                   # listener-scope settings for this mount only
+
+Precedence, lowest first: built-in defaults, the mode table, the mount table, the command line.
+When the command line names ``--endpoint``, it replaces the file's listeners; ``--mount``
+replaces the mounts of every listener. In keys, ``-`` and ``_`` are interchangeable.
+"""
+from __future__ import annotations
+
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+from questsig import modes
+from questsig.modes import LISTENER, MODE, ConfigError, Mount, Setting, normalise_key
+
+DEFAULT_ENDPOINT = "tcp:8000"
+
+#: top-level keys of the file
+GLOBALS: tuple[Setting, ...] = (
+    Setting("state-dir", ".", MODE, modes.text, "directory for SQLite files and other state"),
+    Setting("log-requests", False, MODE, modes.boolean,
+            "log one line per connection, with names and ids (never bodies or keys)"),
+    Setting("max-open-files", 0, MODE, modes.count,
+            "raise the soft open-file limit to this many (0: up to the hard limit)"),
+    Setting("client", True, MODE, modes.boolean,
+            "serve the JavaScript client at /client.js and the demo page at /demo/ on every listener"),
+)
+
+
+@dataclass(frozen=True)
+class Listener:
+    endpoint: str
+    mounts: tuple[Mount, ...]
+
+
+@dataclass(frozen=True)
+class Config:
+    listeners: tuple[Listener, ...]
+    #: mode-scope settings of each mounted mode
+    modes: Mapping[str, Mapping[str, Any]]
+    state_dir: Path
+    log_requests: bool = False
+    max_open_files: int = 0
+    client: bool = True
+    source: str = "defaults"
+    extra: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def mounted_modes(self) -> list[str]:
+        seen: list[str] = []
+        for listener in self.listeners:
+            for mount in listener.mounts:
+                if mount.mode not in seen:
+                    seen.append(mount.mode)
+        return seen
+
+
+def normalise_path(path: str) -> str:
+    path = "/" + path.strip().strip("/")
+    return path
+
+
+def parse_mount(text: str) -> tuple[str, str]:
+    """``PATH=MODE`` from the command line."""
+    path, sep, mode = text.rpartition("=")
+    if not sep or not mode:
+        raise ConfigError(f"--mount {text!r}: expected PATH=MODE, e.g. /=hub")
+    return normalise_path(path), mode.strip()
+
+
+def parse_cli_value(raw: str) -> Any:
+    """A ``--set`` value: a TOML value if it parses as one, else the literal string."""
+    try:
+        return tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        return raw
+
+
+def parse_set(text: str) -> tuple[str, str, Any]:
+    """``MODE.KEY=VALUE`` from the command line."""
+    target, sep, raw = text.partition("=")
+    mode, dot, key = target.partition(".")
+    if not sep or not dot or not mode or not key:
+        raise ConfigError(f"--set {text!r}: expected MODE.KEY=VALUE, e.g. hub.dialect=2.0.2")
+    return mode.strip(), key.strip(), parse_cli_value(raw.strip())
+
+
+def _apply(settings: dict[str, Any], declared: Mapping[str, Setting], table: Mapping[str, Any],
+           where: str, scopes: Iterable[str]) -> None:
+    for raw_key, value in table.items():
+        setting = declared.get(normalise_key(raw_key))
+        if setting is None:
+            raise ConfigError(f"{where}: unknown key {raw_key!r}; known: "
+                              + ", ".join(sorted(s.name for s in declared.values())))
+        if setting.scope not in scopes:
+            raise ConfigError(f"{where}: {setting.name!r} is a mode-wide setting; "
+                              f"set it in the mode's own table")
+        try:
+            settings[setting.name] = setting.parse(value)
+        except ValueError as e:
+            raise ConfigError(f"{where}: {setting.name} = {value!r}: {e}") from None
+
+
+def _declared(settings: Iterable[Setting]) -> dict[str, Setting]:
+    return {s.key: s for s in settings}
+
+
+def load(*, config_file: str | None = None, endpoints: Iterable[str] = (),
+         mounts: Iterable[str] = (), sets: Iterable[str] = (),
+         overrides: Mapping[str, Mapping[str, Any]] | None = None,
+         document: Mapping[str, Any] | None = None) -> Config:
+    """Build the configuration. ``overrides`` are command-line settings per mode (or ``""``
+    for top-level keys); ``document`` stands for an already parsed file (used by tests)."""
+    doc: dict[str, Any] = dict(document or {})
+    source = "defaults"
+    if config_file:
+        try:
+            with open(config_file, "rb") as f:
+                doc = tomllib.load(f)
+        except OSError as e:
+            raise ConfigError(f"cannot read config file {config_file}: {e.strerror}") from None
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"config file {config_file}: {e}") from None
+        source = config_file
+
+    cli: dict[str, dict[str, Any]] = {}
+    for mode, table in (overrides or {}).items():
+        cli.setdefault(mode, {}).update(table)
+    for item in sets:
+        mode, key, value = parse_set(item)
+        cli.setdefault(mode, {})[key] = value
+
+    # top-level keys
+    top_declared = _declared(GLOBALS)
+    top: dict[str, Any] = {s.name: s.default for s in GLOBALS}
+    mode_tables = {name: doc.pop(name) for name in list(doc) if name in modes.MODULES}
+    listener_tables = doc.pop("listener", [])
+    _apply(top, top_declared, doc, "config", (MODE,))
+    _apply(top, top_declared, cli.pop("", {}), "command line", (MODE,))
+
+    # per-mode settings: declared defaults <- mode table <- (later) mount table <- command line
+    for name in cli:
+        if name not in modes.MODULES:
+            raise ConfigError(f"--set: unknown mode {name!r}")
+    declared: dict[str, dict[str, Setting]] = {}
+    mode_wide: dict[str, dict[str, Any]] = {}
+    listener_defaults: dict[str, dict[str, Any]] = {}
+
+    def mode_settings(name: str) -> None:
+        if name in declared:
+            return
+        module = modes.load(name)
+        declared[name] = _declared(module.SETTINGS)
+        merged = {s.name: s.default for s in module.SETTINGS}
+        _apply(merged, declared[name], mode_tables.get(name, {}), f"[{name}]", (MODE, LISTENER))
+        _apply(merged, declared[name], cli.get(name, {}), "command line", (MODE, LISTENER))
+        mode_wide[name] = {s.name: merged[s.name] for s in module.SETTINGS if s.scope == MODE}
+        listener_defaults[name] = {s.name: merged[s.name] for s in module.SETTINGS
+                                   if s.scope == LISTENER}
+
+    if not isinstance(listener_tables, list):
+        raise ConfigError("config: [[listener]] must be an array of tables")
+
+    cli_endpoints = list(endpoints)
+    cli_mounts = [parse_mount(m) for m in mounts]
+    if cli_endpoints:
+        raw_listeners: list[dict[str, Any]] = [{"endpoint": e} for e in cli_endpoints]
+    elif listener_tables:
+        raw_listeners = [dict(t) for t in listener_tables]
+    else:
+        raw_listeners = [{"endpoint": DEFAULT_ENDPOINT}]
+
+    listeners = []
+    for index, table in enumerate(raw_listeners):
+        where = f"listener {index + 1}"
+        endpoint = table.pop("endpoint", None)
+        if not isinstance(endpoint, str) or not endpoint:
+            raise ConfigError(f"{where}: 'endpoint' (a Twisted endpoint string) is required")
+        mount_tables = table.pop("mount", [])
+        if table:
+            raise ConfigError(f"{where}: unknown key(s) {', '.join(sorted(table))}; "
+                              "mounts go in [[listener.mount]] tables")
+        if cli_mounts:
+            mount_tables = [{"path": p, "mode": m} for p, m in cli_mounts]
+        elif not mount_tables:
+            mount_tables = [{"path": modes.load(name).DEFAULT_PREFIX, "mode": name}
+                            for name in modes.available()]
+        built: list[Mount] = []
+        for mt in mount_tables:
+            mt = dict(mt)
+            path, name = mt.pop("path", None), mt.pop("mode", None)
+            if not isinstance(path, str) or not isinstance(name, str):
+                raise ConfigError(f"{where}: every mount needs a 'path' and a 'mode'")
+            path = normalise_path(path)
+            mode_settings(name)
+            settings = dict(listener_defaults[name])
+            _apply(settings, declared[name], mt, f"{where} mount {path}", (LISTENER,))
+            _apply(settings, declared[name],
+                   {k: v for k, v in cli.get(name, {}).items()
+                    if declared[name][normalise_key(k)].scope == LISTENER},
+                   "command line", (LISTENER,))
+            for other in built:
+                if other.path == path:
+                    raise ConfigError(f"{where} ({endpoint}): two modes on path {path}: "
+                                      f"{other.mode} and {name}")
+            built.append(Mount(path=path, mode=name, settings=settings, endpoint=endpoint))
+        listeners.append(Listener(endpoint=endpoint, mounts=tuple(built)))
+
+    for name in list(mode_tables) + list(cli):
+        if name in modes.available():
+            mode_settings(name)  # validate tables of modes that are not mounted, too
+
+    mounted = {m.mode for lst in listeners for m in lst.mounts}
+    return Config(
+        listeners=tuple(listeners),
+        modes={name: mode_wide[name] for name in mode_wide if name in mounted},
+        state_dir=Path(top["state-dir"]),
+        log_requests=top["log-requests"],
+        max_open_files=top["max-open-files"],
+        client=top["client"],
+        source=source,
+    )

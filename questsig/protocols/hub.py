@@ -1,0 +1,61 @@
+"""The hub's Autobahn adapter and service. Rules live in :mod:`questsig.modes.hub`."""
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+from twisted.logger import Logger
+
+from questsig.modes import Context, ModeService, Mount
+from questsig.modes.hub import Client, Hub, HubListener
+from questsig.websocket import Connection, WebSocketResource, make_factory
+
+log = Logger()
+
+
+class HubConnection(Connection):
+    client: Client | None = None
+
+    def onConnect(self, request: Any) -> None:
+        return None  # never select a subprotocol (spec §3)
+
+    def opened(self) -> None:
+        assert self.request is not None
+        self.client = self.factory.hub.join(self, self.request.raw_target, self.factory.listener)
+
+    def onMessage(self, payload: bytes, isBinary: bool) -> None:
+        if self.client is not None:
+            self.factory.hub.receive(self.client, payload)
+
+    def closed(self) -> None:
+        if self.client is not None:
+            self.factory.hub.leave(self.client)
+            self.client = None
+
+
+class HubService(ModeService):
+    def __init__(self, settings: Mapping[str, Any], context: Context):
+        super().__init__(settings, context)
+        self.hub = Hub(max_connections=settings["max-connections"],
+                       log_names=context.log_requests)
+        self.push = None
+        if settings.get("push-vapid-key") or settings.get("push-vapid-subject"):
+            from questsig.push import make_push_service
+
+            self.push = make_push_service(settings, context, self.hub)
+            self.push.setServiceParent(self)
+            self.hub.push = self.push
+
+    def resource(self, mount: Mount) -> WebSocketResource:
+        s = mount.settings
+        factory = make_factory(
+            HubConnection, self.context.connections,
+            max_message_size=s["max-message-size"],
+            ping_interval=s["ping-interval"], ping_timeout=s["ping-timeout"],
+            hub=self.hub, listener=HubListener.from_settings(s))
+        return WebSocketResource(factory, mount, admit=self._admit)
+
+    def _admit(self, request: Any) -> tuple[int, bytes] | None:
+        if self.hub.full:
+            log.warn("hub: max-connections reached, refusing a connection")
+            return 503, b"Too many connections\n"
+        return None

@@ -1,0 +1,313 @@
+"""Autobahn glue shared by every mode: the base protocol, its factory and the upgrade resource.
+
+A mode's protocol subclasses :class:`Connection`, which is what the mode's core sees as a peer:
+``send(payload, binary=False)`` and ``close(code, reason)``. Autobahn pitfalls, handled here once:
+
+* Autobahn owns ``self.log``, ``self.peer`` (a peer-address string) and ``self.is_open`` (a
+  future) on protocols: name a partner connection something else (``partner``, ``member``).
+* Exceptions raised in ``onConnect`` other than ``ConnectionDeny`` become an HTTP 500: refuse
+  with ``ConnectionDeny`` or, better, before the upgrade in :meth:`WebSocketResource.admit`.
+* ``sendClose`` only accepts 1000 and 3000-4999; :meth:`Connection.close` sends any code
+  (1001, 1002, 1007, 1009, ...) through Autobahn's low-level close frame.
+* With the default ``failByDrop`` an oversize or invalid message drops TCP without a close
+  frame; :func:`make_factory` turns it off so clients see 1007/1009.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
+from autobahn.util import encode_truncate
+from autobahn.websocket.protocol import WebSocketProtocol
+from twisted.internet import defer
+from twisted.internet.interfaces import IPushProducer
+from twisted.logger import Logger
+from twisted.protocols.policies import ProtocolWrapper
+from twisted.web.resource import Resource
+from twisted.web.server import NOT_DONE_YET
+from zope.interface import implementer
+
+from questsig.modes import Mount
+
+log = Logger()
+
+GOING_AWAY = 1001
+PROTOCOL_ERROR = 1002
+INVALID_PAYLOAD = 1007
+POLICY_VIOLATION = 1008
+MESSAGE_TOO_BIG = 1009
+
+DEFAULT_MAX_SEND_BUFFER = 8 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class RequestInfo:
+    """The HTTP request that opened a WebSocket, as the mode needs it."""
+
+    #: the request-target exactly as received (path and query, not percent-decoded)
+    raw_target: bytes
+    #: the raw path below the mount prefix, starting with ``/`` (``b"/"`` for the prefix itself)
+    subpath: bytes
+    mount: Mount
+    #: the client's address, for logs only when request logging is on
+    client: str
+
+
+class ConnectionSet:
+    """Every open WebSocket of one server, so that shutdown can close them all with 1001."""
+
+    def __init__(self) -> None:
+        self._open: set[Connection] = set()
+        self._waiters: list[defer.Deferred[None]] = []
+
+    def __len__(self) -> int:
+        return len(self._open)
+
+    def add(self, connection: Connection) -> None:
+        self._open.add(connection)
+
+    def discard(self, connection: Connection) -> None:
+        self._open.discard(connection)
+        if not self._open:
+            waiters, self._waiters = self._waiters, []
+            for d in waiters:
+                d.callback(None)
+
+    def close_all(self, reactor: Any, timeout: float = 3.0) -> defer.Deferred[None]:
+        """Close every connection with 1001; fires when all are gone or after ``timeout``."""
+        for connection in list(self._open):
+            connection.close(GOING_AWAY, "server shutting down")
+        if not self._open:
+            return defer.succeed(None)
+        d: defer.Deferred[None] = defer.Deferred()
+        self._waiters.append(d)
+
+        def give_up() -> None:
+            for connection in list(self._open):
+                if connection.transport is not None:
+                    connection.transport.abortConnection()
+                self._open.discard(connection)
+            if not d.called:
+                self._waiters.remove(d)
+                d.callback(None)
+
+        call = reactor.callLater(timeout, give_up)
+        d.addBoth(lambda r: (call.cancel() if call.active() else None, r)[1])
+        return d
+
+
+@implementer(IPushProducer)
+class _SendBufferWatch:
+    """Counts what is written while the transport says its buffer is full.
+
+    Twisted pauses a transport's producer once its buffer passes ``bufferSize``; every byte
+    written while paused is unsent. Past the connection's limit the receiver is too slow to
+    keep, and it is disconnected rather than holding memory for the sender's sake.
+    """
+
+    def __init__(self) -> None:
+        self.paused = False
+        self.unsent = 0
+
+    def pauseProducing(self) -> None:
+        self.paused = True
+
+    def resumeProducing(self) -> None:
+        self.paused = False
+        self.unsent = 0
+
+    def stopProducing(self) -> None:
+        pass
+
+
+class Connection(WebSocketServerProtocol):
+    """Base protocol: a peer as the cores see it, plus registration for shutdown."""
+
+    #: set by WebSocketResource before the handshake is replayed
+    request: RequestInfo | None = None
+    _buffer_watch: _SendBufferWatch | None = None
+
+    def connectionMade(self) -> None:
+        super().connectionMade()
+        watch = _SendBufferWatch()
+        try:
+            # twisted.web's channel registered itself as the transport's producer; it is gone now.
+            if getattr(self.transport, "producer", None) is not None:
+                self.transport.unregisterProducer()
+            self.transport.registerProducer(watch, True)
+            self._buffer_watch = watch
+        except RuntimeError:  # a transport that refuses producers: no send-buffer limit
+            self._buffer_watch = None
+
+    def onOpen(self) -> None:
+        self.factory.connections.add(self)
+        self.opened()
+
+    def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
+        self.factory.connections.discard(self)
+        self.closed()
+
+    # -- for subclasses -----------------------------------------------------------------------
+
+    def opened(self) -> None:
+        """The handshake is complete: attach to the core."""
+
+    def closed(self) -> None:
+        """The connection is gone (whatever the cause): detach from the core."""
+
+    # -- the peer interface cores use ---------------------------------------------------------
+
+    @property
+    def open_now(self) -> bool:
+        return self.state == WebSocketProtocol.STATE_OPEN
+
+    def send(self, payload: bytes, binary: bool = False) -> None:
+        """Send one message; a receiver that lets too much pile up unsent is disconnected."""
+        if self.state != WebSocketProtocol.STATE_OPEN:
+            return
+        watch = self._buffer_watch
+        if watch is not None and watch.paused:
+            watch.unsent += len(payload)
+            if watch.unsent > self.factory.max_send_buffer:
+                log.info("disconnecting a receiver with more than {limit} bytes unsent",
+                         limit=self.factory.max_send_buffer)
+                self.abort()
+                return
+        self.sendMessage(payload, isBinary=binary)
+
+    def send_prepared(self, prepared: Any, size: int) -> None:
+        """Like :meth:`send`, for a frame built once with ``factory.prepareMessage``."""
+        if self.state != WebSocketProtocol.STATE_OPEN:
+            return
+        watch = self._buffer_watch
+        if watch is not None and watch.paused:
+            watch.unsent += size
+            if watch.unsent > self.factory.max_send_buffer:
+                self.abort()
+                return
+        self.sendPreparedMessage(prepared)
+
+    def close(self, code: int = 1000, reason: str = "") -> None:
+        """Start the closing handshake with any close code (Autobahn's ``sendClose`` refuses
+        codes outside 1000 and 3000-4999)."""
+        if self.state == WebSocketProtocol.STATE_OPEN:
+            self.sendCloseFrame(code=code, reasonUtf8=encode_truncate(reason, 123), isReply=False)
+        elif self.state in (WebSocketProtocol.STATE_CONNECTING,
+                            WebSocketProtocol.STATE_PROXY_CONNECTING):
+            self.abort()
+
+    def abort(self) -> None:
+        """Drop the TCP connection at once."""
+        if self.transport is not None:
+            self.transport.abortConnection()
+
+
+def make_factory(protocol: type[Connection], connections: ConnectionSet, *,
+                 max_message_size: int = 1024 * 1024,
+                 max_frame_size: int | None = None,
+                 ping_interval: float = 0,
+                 ping_timeout: float = 0,
+                 open_handshake_timeout: float = 10,
+                 close_handshake_timeout: float = 5,
+                 max_send_buffer: int = DEFAULT_MAX_SEND_BUFFER,
+                 utf8_validate: bool = True,
+                 **attributes: Any) -> WebSocketServerFactory:
+    """An Autobahn factory with questsig's defaults; ``attributes`` are set on it for the
+    protocol to find (``factory.core``, ``factory.mount``, ...)."""
+    factory = WebSocketServerFactory()
+    factory.protocol = protocol
+    factory.setProtocolOptions(
+        failByDrop=False,
+        maxMessagePayloadSize=max_message_size,
+        maxFramePayloadSize=max_frame_size if max_frame_size is not None else max_message_size,
+        autoPingInterval=ping_interval,
+        autoPingTimeout=ping_timeout if ping_interval else 0,
+        openHandshakeTimeout=open_handshake_timeout,
+        closeHandshakeTimeout=close_handshake_timeout,
+        utf8validateIncoming=utf8_validate,
+        echoCloseCodeReason=True,
+    )
+    factory.server = "questsig"
+    factory.connections = connections
+    factory.max_send_buffer = max_send_buffer
+    for name, value in attributes.items():
+        setattr(factory, name, value)
+    return factory
+
+
+def is_upgrade(request: Any) -> bool:
+    upgrade = request.getHeader(b"upgrade") or b""
+    return b"websocket" in upgrade.lower()
+
+
+class WebSocketResource(Resource):
+    """Hands a twisted.web request to an Autobahn protocol, as Autobahn's own resource does,
+    but tells the protocol the raw request-target and the path below its mount first."""
+
+    isLeaf = True
+
+    def __init__(self, factory: WebSocketServerFactory, mount: Mount,
+                 admit: Callable[[Any], tuple[int, bytes] | None] | None = None,
+                 plain: Callable[[Any], bytes] | None = None):
+        super().__init__()
+        self.factory = factory
+        self.mount = mount
+        self._admit = admit
+        self._plain = plain
+
+    def render(self, request: Any) -> Any:
+        if not is_upgrade(request) or request.channel.transport is None:
+            if self._plain is not None:
+                return self._plain(request)
+            request.setResponseCode(426)
+            request.setHeader(b"upgrade", b"websocket")
+            request.setHeader(b"content-type", b"text/plain; charset=utf-8")
+            return b"This is a WebSocket endpoint.\n"
+        if self._admit is not None:
+            refusal = self._admit(request)
+            if refusal is not None:
+                code, body = refusal
+                request.setResponseCode(code)
+                if body:
+                    request.setHeader(b"content-type", b"text/plain; charset=utf-8")
+                return body
+
+        protocol = self.factory.buildProtocol(request.transport.getPeer())
+        peer = request.transport.getPeer()
+        protocol.request = RequestInfo(
+            raw_target=request.uri,
+            subpath=b"/" + b"/".join(request.postpath),
+            mount=self.mount,
+            client=f"{getattr(peer, 'host', '?')}:{getattr(peer, 'port', '?')}",
+        )
+
+        transport, request.channel.transport = request.channel.transport, None
+        if isinstance(transport, ProtocolWrapper):
+            transport.wrappedProtocol = protocol
+        elif isinstance(getattr(transport, "protocol", None), ProtocolWrapper):
+            transport.protocol.wrappedProtocol = protocol
+        else:
+            transport.protocol = protocol
+        protocol.makeConnection(transport)
+        if hasattr(transport, "_networkProducer"):
+            transport._networkProducer.resumeProducing()
+        elif hasattr(transport, "resumeProducing"):
+            transport.resumeProducing()
+
+        # Autobahn parses the handshake again from bytes. The target is replayed with any
+        # octet outside printable ASCII escaped, so that odd targets cannot break its parser;
+        # modes read the raw one from ``protocol.request``.
+        data = request.method + b" " + _printable(request.uri) + b" HTTP/1.1\r\n"
+        for name, values in request.requestHeaders.getAllRawHeaders():
+            data += name + b": " + b",".join(values) + b"\r\n"
+        data += b"\r\n"
+        protocol.dataReceived(data)
+        return NOT_DONE_YET
+
+
+def _printable(target: bytes) -> bytes:
+    if all(0x21 <= b < 0x7F for b in target) and b"#" not in target:
+        return target
+    return b"".join(bytes([b]) if 0x21 <= b < 0x7F and b != 0x23 else b"%%%02X" % b
+                    for b in target)
