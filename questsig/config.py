@@ -168,6 +168,10 @@ def load(*, config_file: str | None = None, endpoints: Iterable[str] = (),
         _apply(merged, declared[name], mode_tables.get(name, {}), f"[{name}]", (MODE, LISTENER))
         _apply(merged, declared[name], cli.get(name, {}), "command line", (MODE, LISTENER))
         mode_wide[name] = {s.name: merged[s.name] for s in module.SETTINGS if s.scope == MODE}
+        # a mode may check its settings as a whole (files it must read, pairs that go together)
+        validate = getattr(module, "validate", None)
+        if validate is not None:
+            validate(mode_wide[name], Path(top["state-dir"]))
         listener_defaults[name] = {s.name: merged[s.name] for s in module.SETTINGS
                                    if s.scope == LISTENER}
 

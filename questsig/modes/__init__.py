@@ -5,6 +5,9 @@ A mode module (``questsig/modes/<module>.py``) exposes:
 ``NAME``            the mount name (``hub``, ``pair-relay``, ``router``, ``sigver``, ``fledger``)
 ``DEFAULT_PREFIX``  where it is mounted when no ``--mount`` is given (``/hub``, ...)
 ``SETTINGS``        a tuple of :class:`Setting`: every key its config table accepts
+``validate(settings, state_dir)``  (optional)
+                    checks the mode-scope settings as a whole at start-up, raising
+                    :class:`ConfigError` with one clear line (e.g. an unreadable key file).
 ``make_service(settings, context)``
                     builds the process-wide :class:`ModeService` (one per mode, shared by every
                     listener that mounts the mode); ``settings`` holds the mode-scope settings.
