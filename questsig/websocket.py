@@ -9,6 +9,8 @@ A mode's protocol subclasses :class:`Connection`, which is what the mode's core 
   with ``ConnectionDeny`` or, better, before the upgrade in :meth:`WebSocketResource.admit`.
 * ``sendClose`` only accepts 1000 and 3000-4999; :meth:`Connection.close` sends any code
   (1001, 1002, 1007, 1009, ...) through Autobahn's low-level close frame.
+* Autobahn batches its timers in 200 ms buckets, rounding down: ping intervals and timeouts
+  below about half a second fire early. Tests use 0.5 s and more.
 * With the default ``failByDrop`` an oversize or invalid message drops TCP without a close
   frame; :func:`make_factory` turns it off so clients see 1007/1009.
 """
@@ -60,6 +62,8 @@ class ConnectionSet:
     def __init__(self) -> None:
         self._open: set[Connection] = set()
         self._waiters: list[defer.Deferred[None]] = []
+        #: set once shutdown starts, so modes can skip the notices a normal leave sends
+        self.shutting_down = False
 
     def __len__(self) -> int:
         return len(self._open)
@@ -76,6 +80,7 @@ class ConnectionSet:
 
     def close_all(self, reactor: Any, timeout: float = 3.0) -> defer.Deferred[None]:
         """Close every connection with 1001; fires when all are gone or after ``timeout``."""
+        self.shutting_down = True
         for connection in list(self._open):
             connection.close(GOING_AWAY, "server shutting down")
         if not self._open:
@@ -172,9 +177,16 @@ class Connection(WebSocketServerProtocol):
             if watch.unsent > self.factory.max_send_buffer:
                 log.info("disconnecting a receiver with more than {limit} bytes unsent",
                          limit=self.factory.max_send_buffer)
-                self.abort()
+                self.send_buffer_overflow()
                 return
-        self.sendMessage(payload, isBinary=binary)
+        # Autobahn applies maxMessagePayloadSize to what it sends, too; that limit is for what
+        # clients send us, and a server-made frame (an error quoting the client's text) may
+        # legitimately be a little longer.
+        limit, self.maxMessagePayloadSize = self.maxMessagePayloadSize, 0
+        try:
+            self.sendMessage(payload, isBinary=binary)
+        finally:
+            self.maxMessagePayloadSize = limit
 
     def send_prepared(self, prepared: Any, size: int) -> None:
         """Like :meth:`send`, for a frame built once with ``factory.prepareMessage``."""
@@ -184,9 +196,14 @@ class Connection(WebSocketServerProtocol):
         if watch is not None and watch.paused:
             watch.unsent += size
             if watch.unsent > self.factory.max_send_buffer:
-                self.abort()
+                self.send_buffer_overflow()
                 return
         self.sendPreparedMessage(prepared)
+
+    def send_buffer_overflow(self) -> None:
+        """The receiver let more than ``max_send_buffer`` bytes pile up unsent; modes whose
+        spec names a close code for this override it (e.g. 1008 ``send buffer overflow``)."""
+        self.abort()
 
     def close(self, code: int = 1000, reason: str = "") -> None:
         """Start the closing handshake with any close code (Autobahn's ``sendClose`` refuses
@@ -248,7 +265,8 @@ class WebSocketResource(Resource):
     isLeaf = True
 
     def __init__(self, factory: WebSocketServerFactory, mount: Mount,
-                 admit: Callable[[Any], tuple[int, bytes] | None] | None = None,
+                 admit: Callable[[Any], tuple[int, bytes] | tuple[int, bytes, bytes] | None]
+                 | None = None,
                  plain: Callable[[Any], bytes] | None = None):
         super().__init__()
         self.factory = factory
@@ -267,8 +285,9 @@ class WebSocketResource(Resource):
         if self._admit is not None:
             refusal = self._admit(request)
             if refusal is not None:
-                code, body = refusal
-                request.setResponseCode(code)
+                # (status, body) or (status, body, reason phrase for the status line)
+                code, body = refusal[0], refusal[1]
+                request.setResponseCode(code, refusal[2] if len(refusal) > 2 else None)
                 if body:
                     request.setHeader(b"content-type", b"text/plain; charset=utf-8")
                 return body
