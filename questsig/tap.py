@@ -7,6 +7,7 @@ from typing import Any
 from twisted.application import service
 from twisted.application.internet import StreamServerEndpointService
 from twisted.internet import defer, endpoints
+from twisted.internet.error import CannotListenError
 from twisted.logger import Logger
 from twisted.python import usage
 
@@ -112,7 +113,12 @@ class ListenerService(StreamServerEndpointService):
         self.port: Any = None
 
     def privilegedStartService(self) -> None:
-        super().privilegedStartService()
+        try:
+            super().privilegedStartService()
+        except CannotListenError as e:
+            # one clear line and a non-zero exit, rather than a traceback
+            raise SystemExit(f"questsig: cannot listen on {self.endpoint_string}: "
+                             f"{e.socketError}") from None
         self._waitingForPort.addCallback(self._listening)
 
     def _listening(self, port: Any) -> Any:

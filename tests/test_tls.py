@@ -1,0 +1,43 @@
+"""TLS listeners: an `ssl:` endpoint serving a full certificate chain."""
+from __future__ import annotations
+
+import ssl
+
+import websockets
+
+from certs import make_pki
+from clients import nothing_arrives, recv
+
+
+def client_context(ca) -> ssl.SSLContext:
+    ctx = ssl.create_default_context(cafile=str(ca))  # trusts the root only
+    return ctx
+
+
+async def test_wss_with_full_chain(serve, tmp_path) -> None:
+    """A client that trusts only the root CA verifies the leaf via the served intermediate and
+    exchanges hub messages over wss://."""
+    pki = make_pki(tmp_path)
+    server = serve(mounts=["/=hub"], endpoints=[pki.endpoint()])
+    ctx = client_context(pki.ca)
+    url = f"wss://localhost:{server.port()}"
+    async with websockets.connect(url + "/?user=alice", ssl=ctx) as alice, \
+            websockets.connect(url + "/?user=bob", ssl=ctx) as bob:
+        msg = '{"protocol":"one-to-one","endpoint":"alice","data":"over tls"}'
+        await bob.send(msg)
+        assert await recv(alice) == msg
+        await nothing_arrives(bob, 0.1)
+
+
+async def test_tls_without_chain_is_not_trusted(serve, tmp_path) -> None:
+    """Without extraCertChain the same client cannot verify the leaf: the chain is what makes
+    the previous test pass."""
+    pki = make_pki(tmp_path)
+    endpoint = f"ssl:0:interface=127.0.0.1:privateKey={pki.key}:certKey={pki.cert}"
+    server = serve(mounts=["/=hub"], endpoints=[endpoint])
+    try:
+        async with websockets.connect(f"wss://localhost:{server.port()}/?user=x",
+                                      ssl=client_context(pki.ca)):
+            raise AssertionError("connected without the intermediate")
+    except ssl.SSLCertVerificationError:
+        pass

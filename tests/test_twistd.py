@@ -1,0 +1,101 @@
+"""`twistd -n questsig` as a child process: the installed plugin, start-up failures, logs and
+clean shutdown."""
+from __future__ import annotations
+
+import asyncio
+import socket
+import subprocess
+import time
+
+import websockets
+
+from clients import closed_with, recv
+from conftest import twistd_path
+
+ANY_PORT = "tcp:0:interface=127.0.0.1"
+
+
+def run_twistd(*args: str, cwd) -> subprocess.CompletedProcess:
+    return subprocess.run([twistd_path(), "-n", "--pidfile=", "questsig", *args], cwd=cwd,
+                          capture_output=True, text=True, timeout=60)
+
+
+def test_help_documents_options(tmp_path) -> None:
+    """`twistd questsig --help` documents every option the command line contract names."""
+    out = subprocess.run([twistd_path(), "questsig", "--help"], cwd=tmp_path,
+                         capture_output=True, text=True, timeout=60).stdout
+    for option in ("--config", "--endpoint", "--mount", "--set", "--state-dir",
+                   "--push-vapid-key", "--push-vapid-subject", "--push-allow-private"):
+        assert option in out
+
+
+async def test_plugin_serves_and_stops_with_1001(spawn_twistd) -> None:
+    """The installed plugin starts, serves the hub, logs one line per start, listener and mode
+    without message bodies, and on SIGTERM closes every WebSocket with 1001 and exits promptly."""
+    t = spawn_twistd("--endpoint", ANY_PORT, "--mount", "/=hub")
+    port = await asyncio.to_thread(t.wait_listening)
+    secret = "body-that-must-not-be-logged"
+    async with websockets.connect(f"ws://127.0.0.1:{port}/?user=alice") as alice, \
+            websockets.connect(f"ws://127.0.0.1:{port}/?user=bob") as bob:
+        await bob.send('{"protocol":"one-to-one","endpoint":"alice","data":"%s"}' % secret)
+        assert secret in await recv(alice)
+        started = time.monotonic()
+        stopping = asyncio.ensure_future(asyncio.to_thread(t.stop))
+        assert (await closed_with(alice))[0] == 1001
+        assert (await closed_with(bob))[0] == 1001
+        code = await stopping
+    # twistd re-raises SIGTERM after a clean stop, so the status says "terminated by SIGTERM"
+    # (systemd counts that as a clean exit)
+    assert code in (0, -15)
+    assert time.monotonic() - started < 5
+    assert "questsig stopped" in t.output
+    out = t.output
+    assert secret not in out and "alice" not in out
+    assert out.count("questsig 0.1.0 starting") == 1
+    assert out.count("listening on tcp:0:interface=127.0.0.1") == 1
+    assert "mode hub ready" in out
+
+
+def test_busy_port_fails_start(tmp_path) -> None:
+    """A port that is already taken makes the start fail with a clear message and a non-zero exit."""
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        result = run_twistd("--endpoint", f"tcp:{port}:interface=127.0.0.1", "--mount", "/=hub",
+                            cwd=tmp_path)
+    assert result.returncode != 0
+    out = result.stdout + result.stderr
+    assert "questsig: cannot listen on" in out and "Address already in use" in out
+    assert "listening on" not in out
+
+
+def test_bad_endpoint_fails_start(tmp_path) -> None:
+    """A bad endpoint string fails the start with its own message."""
+    result = run_twistd("--endpoint", "nonsense:1234", "--mount", "/=hub", cwd=tmp_path)
+    assert result.returncode != 0
+    assert "bad endpoint 'nonsense:1234'" in result.stdout + result.stderr
+
+
+def test_unknown_mode_and_path_clash_fail_start(tmp_path) -> None:
+    """Unknown mode names and two modes on one path are start-up errors."""
+    unknown = run_twistd("--endpoint", ANY_PORT, "--mount", "/=nosuchmode", cwd=tmp_path)
+    assert unknown.returncode != 0 and "unknown mode 'nosuchmode'" in unknown.stdout + unknown.stderr
+    clash = run_twistd("--endpoint", ANY_PORT, "--mount", "/x=hub", "--mount", "/x/=hub",
+                       cwd=tmp_path)
+    assert clash.returncode != 0 and "two modes on path /x" in clash.stdout + clash.stderr
+
+
+async def test_config_file_with_cli_override(spawn_twistd, tmp_path) -> None:
+    """A TOML file declares listeners, mounts and per-listener settings; --set on the command
+    line wins over it."""
+    (tmp_path / "q.toml").write_text(
+        '[hub]\ndialect = "master"\n'
+        '[[listener]]\nendpoint = "tcp:0:interface=127.0.0.1"\n'
+        '[[listener.mount]]\npath = "/sig"\nmode = "hub"\ntarget-field = "to"\n')
+    t = spawn_twistd("--config", "q.toml", "--set", "hub.dialect=2.0.2")
+    port = await asyncio.to_thread(t.wait_listening)
+    async with websockets.connect(f"ws://127.0.0.1:{port}/sig?user=a") as a:
+        await a.send('{"protocol":"one-to-one","endpoint":"a"}')
+        assert await recv(a) == "No field 'to' provided"  # 2.0.2 text, from the command line
+    await asyncio.to_thread(t.stop)
