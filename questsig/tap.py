@@ -85,20 +85,27 @@ class Options(usage.Options):
             self.config = config.load(config_file=self["config"], endpoints=self["endpoints"],
                                       mounts=self["mounts"], sets=self["sets"],
                                       overrides=self.overrides())
-            check_endpoints(self.config)
+            self.endpoints = parse_endpoints(self.config)
         except ConfigError as e:
             raise usage.UsageError(str(e)) from None
 
 
-def check_endpoints(cfg: Config) -> None:
-    """Parse every endpoint string now, so a typo fails the start with its own message."""
-    from twisted.internet import reactor
-
+def parse_endpoints(cfg: Config, reactor: Any = None) -> list[Any]:
+    """Parse every endpoint string once, before any service starts, so that a typo, or a
+    ``systemd:`` index with no socket passed (systemd 227+ sets LISTEN_FDS, LISTEN_PID and
+    LISTEN_FDNAMES), fails the start with its own message."""
+    if reactor is None:
+        from twisted.internet import reactor
+    parsed = []
     for listener in cfg.listeners:
         try:
-            endpoints.serverFromString(reactor, listener.endpoint)
+            parsed.append(endpoints.serverFromString(reactor, listener.endpoint))
+        except IndexError:
+            raise ConfigError(f"bad endpoint {listener.endpoint!r}: no such socket was passed "
+                              "by systemd (LISTEN_FDS)") from None
         except (ValueError, TypeError, KeyError) as e:
             raise ConfigError(f"bad endpoint {listener.endpoint!r}: {e}") from None
+    return parsed
 
 
 class ListenerService(StreamServerEndpointService):
@@ -107,8 +114,8 @@ class ListenerService(StreamServerEndpointService):
 
     _raiseSynchronously = True
 
-    def __init__(self, endpoint_string: str, reactor: Any, factory: Any):
-        super().__init__(endpoints.serverFromString(reactor, endpoint_string), factory)
+    def __init__(self, endpoint_string: str, endpoint: Any, factory: Any):
+        super().__init__(endpoint, factory)
         self.endpoint_string = endpoint_string
         self.port: Any = None
 
@@ -130,8 +137,10 @@ class QuestsigService(service.MultiService):
     """The whole server: mode services, then listeners. Stops in the order that loses nothing:
     stop accepting, close every WebSocket with 1001, then stop the modes (timers, stores)."""
 
-    def __init__(self, cfg: Config, reactor: Any):
+    def __init__(self, cfg: Config, reactor: Any, parsed_endpoints: list[Any] | None = None):
         super().__init__()
+        if parsed_endpoints is None:
+            parsed_endpoints = parse_endpoints(cfg, reactor)
         self.config = cfg
         self.reactor = reactor
         self.connections = ConnectionSet()
@@ -143,11 +152,11 @@ class QuestsigService(service.MultiService):
             mode = modes.load(name).make_service(cfg.modes[name], self.context)
             mode.setServiceParent(self)
             self.modes[name] = mode
-        for listener in cfg.listeners:
+        for listener, endpoint in zip(cfg.listeners, parsed_endpoints):
             mounted = [(m, self.modes[m.mode].resource(m)) for m in listener.mounts]
             mounted += self.extra_mounts()
             site = build_site(mounted, log_requests=cfg.log_requests)
-            svc = ListenerService(listener.endpoint, reactor, site)
+            svc = ListenerService(listener.endpoint, endpoint, site)
             svc.mounts = listener.mounts
             svc.setServiceParent(self)
             self.listeners.append(svc)
@@ -214,4 +223,4 @@ def makeService(options: Options, reactor: Any = None) -> QuestsigService:
         from twisted.internet import reactor as default_reactor
 
         reactor = default_reactor
-    return QuestsigService(options.config, reactor)
+    return QuestsigService(options.config, reactor, options.endpoints)

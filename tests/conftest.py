@@ -126,7 +126,8 @@ def twistd_path() -> str:
 
 
 class Twistd:
-    """``twistd -n questsig ...`` in a child process; ``port`` is the first listener's."""
+    """``twistd -n questsig ...`` in a child process; ``port`` is the first listener's. A thread
+    collects its log lines as they come."""
 
     def __init__(self, args: list[str], cwd: Path, env: dict[str, str] | None = None):
         self.proc = subprocess.Popen(
@@ -135,32 +136,37 @@ class Twistd:
             env={**os.environ, **(env or {})})
         self.lines: list[str] = []
         self.port: int | None = None
+        self._listening = threading.Event()
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self.lines.append(line)
+            m = re.search(r"listening on \S+ \(port (\d+)\)", line)
+            if m and self.port is None:
+                self.port = int(m.group(1))
+                self._listening.set()
+        self._listening.set()  # exited
 
     def wait_listening(self, timeout: float = 30) -> int:
-        """Read the log until the first listener reports its port; fail if the process exits."""
-        timer = threading.Timer(timeout, self.proc.kill)
-        timer.start()
-        try:
-            assert self.proc.stdout is not None
-            for line in self.proc.stdout:
-                self.lines.append(line)
-                m = re.search(r"listening on \S+ \(port (\d+)\)", line)
-                if m:
-                    self.port = int(m.group(1))
-                    return self.port
-        finally:
-            timer.cancel()
-        raise AssertionError("twistd exited before listening:\n" + "".join(self.lines))
+        """Wait until the first listener reports its port; fail if the process exits first."""
+        self._listening.wait(timeout)
+        if self.port is None:
+            raise AssertionError("twistd did not start listening:\n" + self.output)
+        return self.port
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 15) -> int:
+        """Send ``sig`` and wait for the exit; the exit status."""
         if self.proc.poll() is None:
             self.proc.send_signal(sig)
         try:
-            out, _ = self.proc.communicate(timeout=timeout)
+            self.proc.wait(timeout)
         except subprocess.TimeoutExpired:
             self.proc.kill()
-            out, _ = self.proc.communicate()
-        self.lines.append(out or "")
+            self.proc.wait()
+        self._reader.join(5)
         return self.proc.returncode
 
     @property

@@ -99,3 +99,37 @@ async def test_config_file_with_cli_override(spawn_twistd, tmp_path) -> None:
         await a.send('{"protocol":"one-to-one","endpoint":"a"}')
         assert await recv(a) == "No field 'to' provided"  # 2.0.2 text, from the command line
     await asyncio.to_thread(t.stop)
+
+
+async def test_systemd_socket_activation(tmp_path) -> None:
+    """A `systemd:` endpoint serves on a listening socket passed the way systemd passes it
+    (fd 3, LISTEN_FDS, LISTEN_PID, LISTEN_FDNAMES)."""
+    import os
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen()
+    port = listener.getsockname()[1]
+    fd = listener.fileno()
+
+    def as_fd3() -> None:
+        os.dup2(fd, 3)
+        os.set_inheritable(3, True)
+
+    proc = subprocess.Popen(
+        ["sh", "-c", f'LISTEN_PID=$$ LISTEN_FDS=1 LISTEN_FDNAMES=questsig exec "{twistd_path()}" -n --pidfile= questsig '
+                     '--endpoint systemd:domain=INET:index=0 --mount /=hub'],
+        cwd=tmp_path, preexec_fn=as_fd3, pass_fds=(3,) if fd != 3 else (),
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    listener.close()
+    try:
+        async def hub_works() -> None:
+            async with websockets.connect(f"ws://127.0.0.1:{port}/?user=a",
+                                          open_timeout=20) as a:
+                await a.send('{"protocol":"one-to-self","via":"systemd"}')
+                assert await recv(a) == '{"protocol":"one-to-self","via":"systemd"}'
+        await hub_works()
+    finally:
+        proc.terminate()
+        out, _ = proc.communicate(timeout=15)
+    assert "listening on systemd:domain=INET:index=0" in out
