@@ -144,6 +144,7 @@ class QuestsigService(service.MultiService):
         self.config = cfg
         self.reactor = reactor
         self.connections = ConnectionSet()
+        self.connections.log_requests = cfg.log_requests
         self.context = Context(state_dir=cfg.state_dir, reactor=reactor,
                                connections=self.connections, log_requests=cfg.log_requests)
         self.modes: dict[str, modes.ModeService] = {}

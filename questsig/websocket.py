@@ -34,6 +34,42 @@ from questsig.modes import Mount
 
 log = Logger()
 
+
+class _AutobahnLog:
+    """Stands in for Autobahn's per-protocol logger. Autobahn warns about every failed or
+    dropped connection, naming the client's address; questsig keeps addresses out of its logs
+    unless request logging is on, so only errors pass by default."""
+
+    def __init__(self, verbose: bool):
+        self._log = Logger(namespace="autobahn")
+        self._verbose = verbose
+
+    def debug(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    trace = debug
+
+    def info(self, fmt: str, **kwargs: Any) -> None:
+        if self._verbose:
+            self._log.info(fmt, **kwargs)
+
+    def warn(self, fmt: str, **kwargs: Any) -> None:
+        if self._verbose:
+            self._log.warn(fmt, **kwargs)
+
+    def error(self, fmt: str, **kwargs: Any) -> None:
+        self._log.error(fmt, **kwargs)
+
+    def critical(self, fmt: str, **kwargs: Any) -> None:
+        self._log.critical(fmt, **kwargs)
+
+    def failure(self, fmt: str, failure: Any = None, **kwargs: Any) -> None:
+        self._log.failure(fmt, failure, **kwargs)
+
+
+_AUTOBAHN_LOG = _AutobahnLog(verbose=False)
+_AUTOBAHN_LOG_VERBOSE = _AutobahnLog(verbose=True)
+
 GOING_AWAY = 1001
 PROTOCOL_ERROR = 1002
 INVALID_PAYLOAD = 1007
@@ -64,6 +100,9 @@ class ConnectionSet:
         self._waiters: list[defer.Deferred[None]] = []
         #: set once shutdown starts, so modes can skip the notices a normal leave sends
         self.shutting_down = False
+        #: with request logging on, Autobahn's per-connection warnings (which name the client's
+        #: address) are logged too
+        self.log_requests = False
 
     def __len__(self) -> int:
         return len(self._open)
@@ -134,6 +173,7 @@ class Connection(WebSocketServerProtocol):
     _buffer_watch: _SendBufferWatch | None = None
 
     def connectionMade(self) -> None:
+        self.log = _AUTOBAHN_LOG_VERBOSE if self.factory.connections.log_requests else _AUTOBAHN_LOG
         super().connectionMade()
         watch = _SendBufferWatch()
         try:
@@ -152,6 +192,19 @@ class Connection(WebSocketServerProtocol):
     def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
         self.factory.connections.discard(self)
         self.closed()
+
+    def onCloseFrame(self, code: int | None, reasonRaw: bytes | None) -> bool | None:
+        # Autobahn answers an invalid Close with 1002/1007 but then takes that Close for the
+        # reply to its own and aborts TCP, and the reset destroys the answer before the client
+        # reads it: send the answer and let TCP close after it is written.
+        if self.state == WebSocketProtocol.STATE_OPEN:
+            fault = close_frame_fault(code, reasonRaw)
+            if fault is not None:
+                self.wasClean = False
+                self.close(*fault)
+                self.dropConnection(abort=False)
+                return True
+        return super().onCloseFrame(code, reasonRaw)
 
     # -- for subclasses -----------------------------------------------------------------------
 
@@ -220,6 +273,40 @@ class Connection(WebSocketServerProtocol):
             self.transport.abortConnection()
 
 
+class ExactTimer:
+    """Stands in for Autobahn's ``factory._batched_timer``: each call at its own deadline."""
+
+    def __init__(self, reactor: Any):
+        self.reactor = reactor
+
+    def call_later(self, delay: float, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        return _TolerantCall(self.reactor.callLater(delay, fn, *args, **kwargs))
+
+
+class _TolerantCall:
+    # Autobahn may cancel a call that has already run, as its batched calls allow.
+    def __init__(self, call: Any):
+        self.call = call
+
+    def cancel(self) -> None:
+        if self.call.active():
+            self.call.cancel()
+
+
+def close_frame_fault(code: int | None, reason: bytes | None) -> tuple[int, str] | None:
+    """The close code and reason a client's Close frame deserves if it is invalid (RFC 6455
+    §7.4: a reserved code, or a reason that is not UTF-8)."""
+    if code is not None and not (code in WebSocketProtocol.CLOSE_STATUS_CODES_ALLOWED
+                                 or 3000 <= code <= 4999):
+        return PROTOCOL_ERROR, "invalid close code"
+    if reason:
+        try:
+            reason.decode("utf-8")
+        except UnicodeDecodeError:
+            return INVALID_PAYLOAD, "invalid close reason"
+    return None
+
+
 def make_factory(protocol: type[Connection], connections: ConnectionSet, *,
                  max_message_size: int = 1024 * 1024,
                  max_frame_size: int | None = None,
@@ -246,6 +333,9 @@ def make_factory(protocol: type[Connection], connections: ConnectionSet, *,
         echoCloseCodeReason=True,
     )
     factory.server = "questsig"
+    # Autobahn's batched timer truncates every deadline to a whole second, so a 1 s ping
+    # timeout could fire a few milliseconds after its Ping and drop a healthy client.
+    factory._batched_timer = ExactTimer(factory.reactor)
     factory.connections = connections
     factory.max_send_buffer = max_send_buffer
     for name, value in attributes.items():

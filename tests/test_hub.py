@@ -359,3 +359,25 @@ async def test_shutdown_closes_with_1001(serve) -> None:
         assert (await closed_with(a))[0] == 1001
         assert (await closed_with(b))[0] == 1001
         await asyncio.wait_for(stopping, 10)
+
+
+async def test_client_addresses_not_logged(serve) -> None:
+    """Without request logging, dropping a silent client logs no client address."""
+    from twisted.logger import formatEvent, globalLogPublisher
+
+    events: list[str] = []
+
+    def observe(event) -> None:
+        events.append(formatEvent(event))
+
+    globalLogPublisher.addObserver(observe)
+    try:
+        server = serve(mounts=["/=hub"], sets=["hub.ping-interval=0.5", "hub.ping-timeout=0.5"])
+        raw = await RawWebSocket.connect(server.port(), b"/?user=ghost")
+        local_port = raw.writer.get_extra_info("sockname")[1]
+        await raw.eof(timeout=10)
+        raw.close()
+    finally:
+        globalLogPublisher.removeObserver(observe)
+    assert events, "the server logged nothing at all"
+    assert not [e for e in events if f":{local_port}" in e or "ghost" in e]

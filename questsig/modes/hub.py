@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Mapping, Protocol
 from urllib.parse import parse_qs
 
@@ -72,6 +73,14 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("push-allow-private", False, MODE, modes.boolean,
             "allow http:// and private or loopback push endpoints (testing only)"),
 )
+
+
+def validate(settings: Mapping[str, Any], state_dir: Path) -> None:
+    """Web Push settings fail the start, not the first push (upstream crashed then)."""
+    if settings.get("push-vapid-key") or settings.get("push-vapid-subject"):
+        from questsig import push
+
+        push.validate(settings, state_dir)
 
 
 def make_service(settings: Mapping[str, Any], context: modes.Context) -> modes.ModeService:

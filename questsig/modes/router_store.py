@@ -1,0 +1,223 @@
+"""Durable registrations of the router mode (spec: shared specs/router.md §7.6).
+
+One SQLite file per registration set. Every SQLite call runs on one dedicated thread, so the
+reactor never waits on the disk and writes are applied in the order they were asked for (a
+removal queued before a new registration of the same id commits first). A registration is
+identified by its id *and* its key salt, so removing or updating an old registration can never
+touch a newer one that reuses the id.
+
+Rows are written with a plain ``INSERT``: a second registration of an id that is already
+stored fails instead of overwriting the first, and the caller picks another id.
+"""
+from __future__ import annotations
+
+import sqlite3
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, Callable, TypeVar
+
+from twisted.internet import defer
+from twisted.python.failure import Failure
+
+T = TypeVar("T")
+
+SCHEMA_VERSION = 1
+
+# Version 1. Later versions add a migration step in ``SqliteRegistrations._migrate`` and bump
+# SCHEMA_VERSION; the version table tells which steps a file still needs.
+SCHEMA = """
+CREATE TABLE version (version INTEGER NOT NULL);
+CREATE TABLE registrations (
+    id TEXT PRIMARY KEY,            -- compared byte for byte (BINARY collation)
+    reg_type TEXT NOT NULL,         -- 'hostclient' or 'lobby'
+    key_salt BLOB NOT NULL,
+    key_hash BLOB NOT NULL,
+    host_key_salt BLOB NOT NULL,
+    host_key_hash BLOB NOT NULL,
+    registered_at REAL NOT NULL,    -- creation or last re-registration, Unix seconds
+    connected INTEGER NOT NULL      -- 1 once any socket has joined
+);
+"""
+
+
+class StoreError(Exception):
+    """The store cannot be opened or read; the message says which file and why."""
+
+
+@dataclass(frozen=True)
+class Record:
+    """What is kept of a registration across restarts (never its sockets or its keys)."""
+
+    id: str
+    reg_type: str
+    key_salt: bytes
+    key_hash: bytes
+    host_key_salt: bytes
+    host_key_hash: bytes
+    registered_at: float
+    connected: bool = False
+
+
+class MemoryRegistrations:
+    """Registrations forgotten on restart, as upstream keeps them; answers at once."""
+
+    def __init__(self) -> None:
+        self.rows: dict[str, Record] = {}
+
+    def load(self) -> list[Record]:
+        return list(self.rows.values())
+
+    def insert(self, record: Record) -> defer.Deferred[bool]:
+        if record.id in self.rows:
+            return defer.succeed(False)
+        self.rows[record.id] = record
+        return defer.succeed(True)
+
+    def update(self, reg_id: str, key_salt: bytes, **changes: Any) -> defer.Deferred[None]:
+        row = self.rows.get(reg_id)
+        if row is not None and row.key_salt == key_salt:
+            self.rows[reg_id] = replace(row, **changes)
+        return defer.succeed(None)
+
+    def delete(self, reg_id: str, key_salt: bytes) -> defer.Deferred[None]:
+        row = self.rows.get(reg_id)
+        if row is not None and row.key_salt == key_salt:
+            del self.rows[reg_id]
+        return defer.succeed(None)
+
+    def close(self) -> defer.Deferred[None]:
+        return defer.succeed(None)
+
+
+class SqliteFile:
+    """The SQLite operations themselves; every method runs on the store's own thread."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.db: sqlite3.Connection | None = None
+
+    def open(self) -> list[Record]:
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            db = sqlite3.connect(str(self.path), isolation_level=None, check_same_thread=False)
+        except (OSError, sqlite3.Error) as e:
+            raise StoreError(f"router store {self.path}: cannot open: {e}") from None
+        try:
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=FULL")  # an answered /register survives power loss
+            self._migrate(db)
+            rows = db.execute(
+                "SELECT id, reg_type, key_salt, key_hash, host_key_salt, host_key_hash,"
+                " registered_at, connected FROM registrations").fetchall()
+        except (sqlite3.Error, StoreError) as e:
+            db.close()
+            if isinstance(e, StoreError):
+                raise
+            raise StoreError(f"router store {self.path}: not a readable router store: {e}") \
+                from None
+        self.db = db
+        return [Record(r[0], r[1], bytes(r[2]), bytes(r[3]), bytes(r[4]), bytes(r[5]),
+                       float(r[6]), bool(r[7])) for r in rows]
+
+    def _migrate(self, db: sqlite3.Connection) -> None:
+        tables = {row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+        if not tables:
+            with db:
+                db.execute("BEGIN")
+                for statement in SCHEMA.split(";"):
+                    if statement.strip():
+                        db.execute(statement)
+                db.execute("INSERT INTO version VALUES (?)", (SCHEMA_VERSION,))
+            return
+        if "version" not in tables or "registrations" not in tables:
+            raise StoreError(f"router store {self.path}: not a router store "
+                             f"(tables: {', '.join(sorted(tables))})")
+        row = db.execute("SELECT version FROM version").fetchone()
+        if row is None or row[0] != SCHEMA_VERSION:
+            found = "none" if row is None else row[0]
+            raise StoreError(f"router store {self.path}: schema version {found}, "
+                             f"this questsig reads version {SCHEMA_VERSION}")
+
+    def _db(self) -> sqlite3.Connection:
+        if self.db is None:
+            raise StoreError(f"router store {self.path} is not open")
+        return self.db
+
+    def insert(self, record: Record) -> bool:
+        try:
+            with self._db() as db:
+                db.execute("BEGIN IMMEDIATE")
+                db.execute("INSERT INTO registrations VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                           (record.id, record.reg_type, record.key_salt, record.key_hash,
+                            record.host_key_salt, record.host_key_hash, record.registered_at,
+                            int(record.connected)))
+        except sqlite3.IntegrityError:
+            return False
+        return True
+
+    def update(self, reg_id: str, key_salt: bytes, **changes: Any) -> None:
+        columns = {"registered_at": float, "connected": int}
+        assignments = ", ".join(f"{name} = ?" for name in changes if name in columns)
+        values = [columns[name](value) for name, value in changes.items() if name in columns]
+        with self._db() as db:
+            db.execute("BEGIN IMMEDIATE")
+            db.execute(f"UPDATE registrations SET {assignments} WHERE id = ? AND key_salt = ?",
+                       (*values, reg_id, key_salt))
+
+    def delete(self, reg_id: str, key_salt: bytes) -> None:
+        with self._db() as db:
+            db.execute("BEGIN IMMEDIATE")
+            db.execute("DELETE FROM registrations WHERE id = ? AND key_salt = ?",
+                       (reg_id, key_salt))
+
+    def close(self) -> None:
+        if self.db is not None:
+            self.db.close()
+            self.db = None
+
+
+class SqliteRegistrations:
+    """A :class:`SqliteFile` driven from the reactor: each call queues the operation on the
+    store's single thread and returns a Deferred that fires on the reactor thread."""
+
+    def __init__(self, path: Path, reactor: Any):
+        self.file = SqliteFile(path)
+        self.reactor = reactor
+        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="router-store")
+
+    def load(self) -> list[Record]:
+        """Open (creating the schema if the file is new) and read every registration.
+
+        Runs before the server listens, so it waits for the store thread; a store that cannot
+        be read raises :class:`StoreError`.
+        """
+        return self._thread.submit(self.file.open).result()
+
+    def _call(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> defer.Deferred[T]:
+        d: defer.Deferred[T] = defer.Deferred()
+
+        def finished(future: Future[T]) -> None:
+            error = future.exception()
+            if error is None:
+                self.reactor.callFromThread(d.callback, future.result())
+            else:
+                self.reactor.callFromThread(d.errback, Failure(error))
+
+        self._thread.submit(fn, *args, **kwargs).add_done_callback(finished)
+        return d
+
+    def insert(self, record: Record) -> defer.Deferred[bool]:
+        return self._call(self.file.insert, record)
+
+    def update(self, reg_id: str, key_salt: bytes, **changes: Any) -> defer.Deferred[None]:
+        return self._call(self.file.update, reg_id, key_salt, **changes)
+
+    def delete(self, reg_id: str, key_salt: bytes) -> defer.Deferred[None]:
+        return self._call(self.file.delete, reg_id, key_salt)
+
+    def close(self) -> defer.Deferred[None]:
+        """Finish every queued write, then close the file."""
+        d = self._call(self.file.close)
+        self._thread.shutdown(wait=False)
+        return d

@@ -1,0 +1,121 @@
+"""The pair-relay's Autobahn adapter and service. Rules live in :mod:`questsig.modes.relay`.
+
+Everything upstream answered before the upgrade (404 for bad paths and methods, 400 with the
+reason in the status line for bad handshake headers) is answered here, before Autobahn sees
+the request, because Autobahn's own refusals use other texts (spec §3).
+"""
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+from questsig.modes import Context, ModeService, Mount
+from questsig.modes.relay import PairRelay, RelayClient, room_id
+from questsig.websocket import (POLICY_VIOLATION, Connection, WebSocketResource, is_upgrade,
+                                make_factory)
+
+#: spec §6: a peer silent after our Close is dropped after this long
+CLOSE_HANDSHAKE_TIMEOUT = 1.0
+SUPPORTED_VERSIONS = (b"13", b"8")
+
+Refusal = tuple[int, bytes, bytes | None]
+
+
+class RelayConnection(Connection):
+    client: RelayClient | None = None
+
+    def onConnect(self, request: Any) -> None:
+        return None  # never select a subprotocol, even when one is offered (spec §3)
+
+    def opened(self) -> None:
+        assert self.request is not None
+        # the resource admitted only paths naming a valid id
+        room = room_id(self.request.subpath, self.factory.max_id_length)
+        assert room is not None
+        self.client = self.factory.relay.join(self, room)
+
+    def onMessage(self, payload: bytes, isBinary: bool) -> None:
+        if self.client is not None:
+            self.factory.relay.receive(self.client, payload, isBinary)
+
+    def sendCloseFrame(self, code: int | None = None, reasonUtf8: bytes | None = None,
+                       isReply: bool = False) -> None:
+        # Every way a connection starts to close passes here: our close(), Autobahn failing
+        # the connection (1002/1007/1009) and the reply to a client's Close. The leave must
+        # happen now (spec §5.3), not when TCP is finally gone a round trip later.
+        super().sendCloseFrame(code, reasonUtf8, isReply)
+        self._leave()
+
+    def closed(self) -> None:
+        self._leave()
+
+    def send_buffer_overflow(self) -> None:
+        self.close(POLICY_VIOLATION, "send buffer overflow")
+
+    def _leave(self) -> None:
+        client, self.client = self.client, None
+        if client is not None:
+            self.factory.relay.leave(client, quietly=self.factory.connections.shutting_down)
+
+
+class RelayService(ModeService):
+    def __init__(self, settings: Mapping[str, Any], context: Context):
+        super().__init__(settings, context)
+        #: one pairing state per mount (spec §5.7), in the order the mounts were built
+        self.relays: list[tuple[Mount, PairRelay]] = []
+
+    def relay(self, path: str, endpoint: str | None = None) -> PairRelay:
+        """The state of the mount at ``path`` (on ``endpoint``, if several listeners mount it)."""
+        for mount, relay in self.relays:
+            if mount.path == path and endpoint in (None, mount.endpoint):
+                return relay
+        raise KeyError(path)
+
+    def resource(self, mount: Mount) -> WebSocketResource:
+        s = mount.settings
+        relay = PairRelay(binary=s["binary"], strict_control=s["strict_control"],
+                          log_ids=self.context.log_requests)
+        self.relays.append((mount, relay))
+        factory = make_factory(
+            RelayConnection, self.context.connections,
+            max_message_size=s["max_message_size"],
+            ping_interval=s["ping_interval"], ping_timeout=s["ping_timeout"],
+            open_handshake_timeout=s["open_handshake_timeout"],
+            close_handshake_timeout=CLOSE_HANDSHAKE_TIMEOUT,
+            max_send_buffer=s["max_send_buffer"],
+            relay=relay, max_id_length=s["max_id_length"])
+        max_id_length = s["max_id_length"]
+
+        def admit(request: Any) -> Refusal | None:
+            request.defaultContentType = None
+            return refusal(request, max_id_length)
+
+        def plain(request: Any) -> bytes:
+            request.defaultContentType = None
+            code, body, phrase = refusal(request, max_id_length) or (400, b"", None)
+            request.setResponseCode(code, phrase)
+            return body
+
+        return WebSocketResource(factory, mount, admit=admit, plain=plain)
+
+
+def refusal(request: Any, max_id_length: int) -> Refusal | None:
+    """The answer to a request that must not be upgraded, by the first failing row of the
+    table in spec §3; None lets Autobahn check the rest and upgrade."""
+    subpath = b"/" + b"/".join(request.postpath)
+    if room_id(subpath, max_id_length) is None or request.method != b"GET":
+        return 404, b"", None
+    if not is_upgrade(request):
+        return 400, b"", b"No WebSocket Upgrade header found"
+    # the header may come as several lines; getHeader would see only the last
+    values = request.requestHeaders.getRawHeaders(b"connection", [])
+    tokens = {token.strip() for value in values for token in value.lower().split(b",")}
+    if b"upgrade" not in tokens:
+        return 400, b"", b"No Connection upgrade"
+    version = request.getHeader(b"sec-websocket-version")
+    if version is None:
+        return 400, b"", b"WebSocket version header is required"
+    if version.strip() not in SUPPORTED_VERSIONS:
+        return 400, b"", b"Unsupported WebSocket version"
+    if request.getHeader(b"sec-websocket-key") is None:
+        return 400, b"", b"Handshake error"
+    return None

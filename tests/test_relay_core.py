@@ -1,0 +1,317 @@
+"""Unit tests of the pair-relay core (questsig.modes.relay) with fake peers."""
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from questsig.modes import relay as core
+from questsig.modes.relay import PairRelay, RelayClient, room_id
+
+NOT_RECEIVED = b"/error:0001:The message was not received by anyone.:"
+
+
+class FakePeer:
+    """Records what the relay sends; ``on_send`` lets a test react inside a send."""
+
+    def __init__(self, name: str = "") -> None:
+        self.name = name
+        self.frames: list[tuple[bytes, bool]] = []
+        self.closes: list[tuple[int, str]] = []
+        self.on_send = None
+
+    def send(self, payload: bytes, binary: bool = False) -> None:
+        self.frames.append((payload, binary))
+        if self.on_send is not None:
+            self.on_send(payload)
+
+    def close(self, code: int, reason: str = "") -> None:
+        self.closes.append((code, reason))
+
+    @property
+    def texts(self) -> list[bytes]:
+        return [p for p, b in self.frames if not b]
+
+    def take(self) -> list[bytes]:
+        texts = self.texts
+        self.frames.clear()
+        return texts
+
+
+def joined(relay: PairRelay, room: str = "room", name: str = "") -> tuple[FakePeer, RelayClient]:
+    peer = FakePeer(name)
+    return peer, relay.join(peer, room)
+
+
+def test_first_client_waits() -> None:
+    """The first client on an id gets exactly /status:waiting."""
+    relay = PairRelay()
+    a, _ = joined(relay)
+    assert a.take() == [b"/status:waiting"]
+    relay.check()
+
+
+def test_second_client_pairs_in_order() -> None:
+    """The waiter gets /remote:open then /status:connected; the joiner only /status:connected."""
+    relay = PairRelay()
+    a, _ = joined(relay)
+    a.take()
+    b, _ = joined(relay)
+    assert a.take() == [b"/remote:open", b"/status:connected"]
+    assert b.take() == [b"/status:connected"]
+    assert relay.waiters == {} and relay.pairs == 1
+    relay.check()
+
+
+def test_text_relayed_unchanged_and_not_echoed() -> None:
+    """A paired client's text reaches the peer byte-identical and nothing returns to it."""
+    relay = PairRelay()
+    a, ca = joined(relay)
+    b, cb = joined(relay)
+    a.take(), b.take()
+    payload = "héllo ✓".encode()
+    relay.receive(cb, payload, False)
+    assert a.frames == [(payload, False)] and b.frames == []
+
+
+def test_text_while_waiting_gets_error_0001() -> None:
+    """Text from a waiter comes back as error 0001 with the text, even when empty."""
+    relay = PairRelay()
+    a, ca = joined(relay)
+    a.take()
+    relay.receive(ca, b"hi", False)
+    relay.receive(ca, b"", False)
+    assert a.take() == [NOT_RECEIVED + b"hi", NOT_RECEIVED]
+
+
+def test_third_and_fourth_form_an_independent_pair() -> None:
+    """C waits while A-B are paired; D pairs with C; traffic never crosses pairs."""
+    relay = PairRelay()
+    (a, ca), (b, cb) = joined(relay), joined(relay)
+    c, cc = joined(relay)
+    assert c.take() == [b"/status:waiting"]
+    d, cd = joined(relay)
+    assert c.take() == [b"/remote:open", b"/status:connected"]
+    assert d.take() == [b"/status:connected"]
+    a.take(), b.take()
+    relay.receive(ca, b"ab", False)
+    relay.receive(cc, b"cd", False)
+    assert b.take() == [b"ab"] and d.take() == [b"cd"]
+    assert a.take() == [] and c.take() == []
+    relay.check()
+
+
+def test_leave_requeues_partner() -> None:
+    """A paired client's leave gives its partner /remote:close then /status:waiting."""
+    relay = PairRelay()
+    (a, ca), (b, cb) = joined(relay), joined(relay)
+    a.take(), b.take()
+    relay.leave(ca)
+    assert b.take() == [b"/remote:close", b"/status:waiting"]
+    assert a.take() == []
+    assert relay.waiters["room"] is cb
+    relay.check()
+
+
+def test_leave_repairs_partner_with_waiter() -> None:
+    """When A leaves while C waits, B gets /remote:close, /status:connected and C is paired."""
+    relay = PairRelay()
+    (a, ca), (b, cb), (c, cc) = joined(relay), joined(relay), joined(relay)
+    a.take(), b.take(), c.take()
+    relay.leave(ca)
+    assert b.take() == [b"/remote:close", b"/status:connected"]
+    assert c.take() == [b"/remote:open", b"/status:connected"]
+    relay.receive(cb, b"to c", False)
+    assert c.take() == [b"to c"]
+    relay.check()
+
+
+def test_waiter_leaving_tells_nobody() -> None:
+    """A waiter's leave sends nothing, and the next joiner waits."""
+    relay = PairRelay()
+    (a, ca), (b, cb), (c, cc) = joined(relay), joined(relay), joined(relay)
+    for p in (a, b, c):
+        p.take()
+    relay.leave(cc)
+    assert a.take() == b.take() == c.take() == []
+    d, _ = joined(relay)
+    assert d.take() == [b"/status:waiting"]
+    relay.check()
+
+
+def test_leave_counts_once_and_later_frames_ignored() -> None:
+    """A second leave and frames from a client that left change nothing."""
+    relay = PairRelay()
+    (a, ca), (b, cb) = joined(relay), joined(relay)
+    a.take(), b.take()
+    relay.leave(ca)
+    relay.leave(ca)
+    relay.receive(ca, b"late", False)
+    assert b.take() == [b"/remote:close", b"/status:waiting"]
+    assert a.take() == []
+    relay.check()
+
+
+def test_quiet_leave_sends_nothing() -> None:
+    """On shutdown a leave tells the partner nothing."""
+    relay = PairRelay()
+    (a, ca), (b, cb) = joined(relay), joined(relay)
+    a.take(), b.take()
+    relay.leave(ca, quietly=True)
+    relay.leave(cb, quietly=True)
+    assert a.take() == b.take() == []
+    assert not relay.clients and not relay.waiters
+
+
+def test_relayed_control_text_changes_nothing() -> None:
+    """Text that looks like a control string is relayed and changes no pairing state."""
+    relay = PairRelay()
+    (a, ca), (b, cb), (c, cc) = joined(relay), joined(relay), joined(relay)
+    for p in (a, b, c):
+        p.take()
+    relay.receive(ca, b"/remote:close", False)
+    relay.receive(ca, b"/remote:open", False)
+    assert b.take() == [b"/remote:close", b"/remote:open"]
+    assert relay.waiters["room"] is cc and ca.partner is cb
+    d, _ = joined(relay)
+    assert c.take() == [b"/remote:open", b"/status:connected"]
+    relay.check()
+
+
+@pytest.mark.parametrize("paired", [False, True])
+def test_strict_control_refuses_reserved_prefixes(paired: bool) -> None:
+    """With strict_control, reserved-prefix text returns error 0002 and reaches nobody."""
+    relay = PairRelay(strict_control=True)
+    a, ca = joined(relay)
+    b = FakePeer()
+    if paired:
+        relay.join(b, "room")
+    a.take(), b.take()
+    for text in (b"/status:x", b"/remote:close", b"/error:0001:x"):
+        relay.receive(ca, text, False)
+        assert a.take() == [b"/error:0002:The message uses a reserved prefix.:" + text]
+    assert b.take() == []
+    relay.receive(ca, b"/statusx", False)
+    assert (b.take() if paired else a.take()) == ([b"/statusx"] if paired
+                                                  else [NOT_RECEIVED + b"/statusx"])
+
+
+def test_binary_relayed_or_dropped() -> None:
+    """By default binary goes to the peer, and is dropped silently while waiting."""
+    relay = PairRelay()
+    a, ca = joined(relay)
+    a.take()
+    relay.receive(ca, b"\x00\x01", True)
+    assert a.frames == []
+    b, cb = joined(relay)
+    a.take(), b.take()
+    relay.receive(ca, b"\x00\x01", True)
+    assert b.frames == [(b"\x00\x01", True)] and a.frames == []
+
+
+def test_binary_echo() -> None:
+    """With binary = "echo", binary returns to the sender, paired or waiting."""
+    relay = PairRelay(binary="echo")
+    a, ca = joined(relay)
+    a.take()
+    relay.receive(ca, b"\xff", True)
+    assert a.frames == [(b"\xff", True)]
+    b, cb = joined(relay)
+    a.frames.clear(), b.take()
+    relay.receive(ca, b"\xfe", True)
+    assert a.frames == [(b"\xfe", True)] and b.frames == []
+
+
+def test_ids_are_separate() -> None:
+    """Clients on different ids never pair."""
+    relay = PairRelay()
+    a, _ = joined(relay, "room")
+    b, _ = joined(relay, "Room")
+    assert a.take() == [b"/status:waiting"] and b.take() == [b"/status:waiting"]
+
+
+def test_receiver_leaving_inside_send_requeues_sender_after_event() -> None:
+    """A receiver that leaves while being sent to (buffer overflow) re-queues the sender
+    only after the current event, in the normal leave order."""
+    relay = PairRelay()
+    (a, ca), (b, cb) = joined(relay), joined(relay)
+    a.take(), b.take()
+    b.on_send = lambda payload: relay.leave(cb)
+    relay.receive(ca, b"big", False)
+    assert a.take() == [b"/remote:close", b"/status:waiting"]
+    relay.receive(ca, b"after", False)
+    assert a.take() == [NOT_RECEIVED + b"after"]
+    relay.check()
+
+
+def test_waiter_leaving_inside_pairing() -> None:
+    """A waiter that leaves while told /remote:open leaves the joiner waiting again."""
+    relay = PairRelay()
+    a, ca = joined(relay)
+    a.take()
+    a.on_send = lambda payload: relay.leave(ca)
+    b, cb = joined(relay)
+    assert b.take() == [b"/status:connected", b"/remote:close", b"/status:waiting"]
+    assert relay.waiters["room"] is cb
+    relay.check()
+
+
+@pytest.mark.parametrize("subpath,expected", [
+    (b"/room", "room"),
+    (b"/a%2Fb", "a/b"),
+    (b"/a%2fb", "a/b"),
+    (b"/room+1", "room+1"),
+    (b"/room%201", "room 1"),
+    (b"/room%2B1", "room+1"),
+    (b"/%zz", "%zz"),
+    (b"/%E2%9C%93", "✓"),
+    (b"/Room", "Room"),
+    (b"/", None),
+    (b"", None),
+    (b"/a/b", None),
+    (b"/a/", None),
+    (b"/%ff", None),
+    (b"/" + b"a" * 256, "a" * 256),
+    (b"/" + b"a" * 257, None),
+    (b"/" + b"%41" * 256, "A" * 256),
+])
+def test_room_id(subpath: bytes, expected: str | None) -> None:
+    """Ids are one percent-decoded, UTF-8, length-limited segment; anything else is None."""
+    assert room_id(subpath, 256) == expected
+
+
+def test_random_churn_keeps_invariants() -> None:
+    """Random joins, leaves and texts keep §5.1 and give every text exactly one fate."""
+    rng = random.Random(7)
+    relay = PairRelay()
+    live: list[tuple[FakePeer, RelayClient]] = []
+    for step in range(3000):
+        action = rng.random()
+        if action < 0.35 or not live:
+            live.append(joined(relay, f"r{rng.randrange(5)}", f"p{step}"))
+        elif action < 0.6:
+            peer, client = live.pop(rng.randrange(len(live)))
+            relay.leave(client)
+        else:
+            peer, client = rng.choice(live)
+            partner = client.partner
+            token = f"t{step}".encode()
+            relay.receive(client, token, False)
+            if partner is None:
+                assert peer.frames[-1] == (NOT_RECEIVED + token, False)
+            else:
+                assert partner.peer.frames[-1] == (token, False)
+                assert partner is not client
+        relay.check()
+    assert len(relay.clients) == len(live)
+
+
+def test_settings_declared() -> None:
+    """The mode declares every key of spec §8 with the spec's defaults."""
+    defaults = {s.name: s.default for s in core.SETTINGS}
+    assert defaults == {
+        "binary": "relay", "strict_control": False, "max_message_size": 65536,
+        "max_id_length": 256, "ping_interval": 30.0, "ping_timeout": 20.0,
+        "open_handshake_timeout": 10.0, "max_send_buffer": 8 * 1024 * 1024,
+    }
+    assert core.NAME == "pair-relay" and core.DEFAULT_PREFIX == "/relay"

@@ -1,0 +1,606 @@
+"""Unit tests of the router core (questsig.modes.router) and its store (router_store), driven
+without a reactor: fake sockets, twisted.internet.task.Clock, Deferreds fired by hand."""
+from __future__ import annotations
+
+import hashlib
+import sqlite3
+import threading
+from pathlib import Path
+from typing import Any
+
+import pytest
+from twisted.internet import defer
+from twisted.internet.task import Clock
+from twisted.python.failure import Failure
+
+from questsig.modes import router as core
+from questsig.modes.router import (
+    CLIENT, HOST, MEMBER, KeyHashing, Router, RouterError, RouterRules, UnknownRegistration,
+    hash_key, key_matches, parse_query, route_parameters, valid_id_req,
+)
+from questsig.modes.router_store import (
+    SCHEMA_VERSION, MemoryRegistrations, Record, SqliteFile, SqliteRegistrations, StoreError,
+)
+
+
+@pytest.fixture(autouse=True)
+def cheap_hashes(request: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Unit tests hash many keys: a tiny scrypt cost keeps them fast (one test checks the
+    real parameters)."""
+    if request.node.name != "test_keys_are_salted_scrypt_hashes":
+        monkeypatch.setitem(core.SCRYPT, "n", 2 ** 4)
+
+
+class FakeSocket:
+    def __init__(self) -> None:
+        self.received: list[tuple[bytes, bool]] = []
+        self.closed: tuple[int, str] | None = None
+
+    def send(self, payload: bytes, binary: bool = False) -> None:
+        assert self.closed is None, "sent to a closed socket"
+        self.received.append((payload, binary))
+
+    def close(self, code: int, reason: str = "") -> None:
+        self.closed = (code, reason)
+
+
+def result(d: defer.Deferred[Any]) -> Any:
+    """The result of a Deferred that has fired; raises its failure."""
+    outcome: list[Any] = []
+    d.addBoth(outcome.append)
+    assert outcome, "the Deferred has not fired"
+    if isinstance(outcome[0], Failure):
+        outcome[0].raiseException()
+    return outcome[0]
+
+
+def make_router(**rules: Any) -> tuple[Router, MemoryRegistrations, Clock]:
+    store, clock = MemoryRegistrations(), Clock()
+    return Router(RouterRules(**rules), store, clock), store, clock
+
+
+def register(router: Router, key: str = "k", host_key: str = "h", reg_type: str = "hostclient",
+             id_req: str | None = None) -> str:
+    return result(router.register(key, host_key, reg_type, id_req))
+
+
+def join(router: Router, reg_id: str, sock_type: str | None = HOST,
+         key: str = "k") -> tuple[Any, FakeSocket]:
+    registration, role = result(router.admit(reg_id, key, sock_type))
+    socket = FakeSocket()
+    member = router.join(registration, socket, role)
+    assert member is not None
+    return member, socket
+
+
+def error_name(d: defer.Deferred[Any]) -> str:
+    with pytest.raises(RouterError) as caught:
+        result(d)
+    return caught.value.name
+
+
+# -- query strings and ids -------------------------------------------------------------------------
+
+
+def test_form_decoding() -> None:
+    """Form decoding: '+', %XX, literal bad escapes, bad UTF-8, bare names, empty pieces."""
+    assert parse_query(b"a=1+2&b=%41%42&c=%zz%4&d&&e=%ff&f==x") == [
+        ("a", "1 2"), ("b", "AB"), ("c", "%zz%4"), ("d", ""), ("e", "\ufffd"), ("f", "=x")]
+
+
+def test_route_parameters() -> None:
+    """A repeated route parameter or a missing required one is None; others are ignored."""
+    names, required = ("id", "key", "sock_type"), ("id", "key")
+    assert route_parameters([("id", "a"), ("key", ""), ("x", "1"), ("x", "2")], names,
+                            required) == {"id": "a", "key": ""}
+    assert route_parameters([("id", "a")], names, required) is None
+    assert route_parameters([("id", "a"), ("key", "k"), ("id", "a")], names, required) is None
+
+
+def test_id_req_validity() -> None:
+    """id_req: 8-64 UTF-8 bytes, no control characters; '/', spaces, non-ASCII allowed."""
+    rules = RouterRules()
+    assert valid_id_req("myhost01", rules)
+    assert valid_id_req("a b/c d", rules) is False  # 7 bytes
+    assert valid_id_req("é" * 4, rules)  # 8 bytes
+    assert valid_id_req("x" * 64, rules) and not valid_id_req("x" * 65, rules)
+    assert not valid_id_req("abc\x00defgh", rules) and not valid_id_req("abcdefgh\x7f", rules)
+
+
+# -- keys ------------------------------------------------------------------------------------------
+
+
+def test_keys_are_salted_scrypt_hashes() -> None:
+    """Keys are scrypt(2^14, 8, 1) with a fresh 16-byte salt; only the right key matches."""
+    salt, digest = hash_key("s3cret")
+    assert len(salt) == 16
+    assert digest == hashlib.scrypt(b"s3cret", salt=salt, n=2 ** 14, r=8, p=1, dklen=32)
+    assert hash_key("s3cret")[0] != salt
+    assert key_matches("s3cret", salt, digest) and not key_matches("s3creT", salt, digest)
+    assert b"s3cret" not in digest
+
+
+def test_hashing_runs_where_it_is_told() -> None:
+    """KeyHashing hands the work to its runner (the server's thread pool)."""
+    ran: list[Any] = []
+
+    def runner(fn: Any) -> defer.Deferred[Any]:
+        ran.append(fn)
+        return defer.succeed(fn())
+    keys = KeyHashing(runner)
+    salts = result(keys.hash_pair("a", "b"))
+    assert len(ran) == 1 and len(salts) == 4
+    assert result(keys.verify([("a", salts[0], salts[1]), ("b", salts[2], salts[3])]))
+    assert not result(keys.verify([("a", salts[0], salts[1]), ("x", salts[2], salts[3])]))
+
+
+# -- /register -------------------------------------------------------------------------------------
+
+
+def test_register_generates_ids() -> None:
+    """Generated ids are id_length lowercase hex characters and distinct."""
+    router, store, _ = make_router(id_length=11)
+    ids = {register(router) for _ in range(20)}
+    assert len(ids) == 20
+    assert all(len(i) == 11 and set(i) <= set("0123456789abcdef") for i in ids)
+    assert set(store.rows) == ids
+
+
+def test_register_id_req_rules() -> None:
+    """A free id_req is used; a taken or invalid one gets a fresh id, or an error if strict."""
+    router, _, _ = make_router()
+    assert register(router, id_req="myhost01") == "myhost01"
+    assert register(router, key="other", id_req="myhost01") not in ("myhost01",)
+    assert register(router, id_req="abc") != "abc"
+    strict, _, _ = make_router(reject_invalid_id_req=True)
+    register(strict, id_req="myhost01")
+    assert error_name(strict.register("x", "y", "hostclient", "myhost01")) == "InUseID"
+    assert error_name(strict.register("k", "h", "hostclient", "abc")) == "IncorrectLengthID"
+
+
+def test_register_reg_type() -> None:
+    """reg_type must be exactly one of the enabled types."""
+    router, _, _ = make_router(reg_types=frozenset({"lobby"}))
+    assert error_name(router.register("k", "h", "hostclient", None)) == "MissingRegistrationType"
+    assert error_name(router.register("k", "h", "Lobby", None)) == "MissingRegistrationType"
+    register(router, reg_type="lobby")
+
+
+def test_reregistration_is_idempotent() -> None:
+    """Same keys again: same id, sockets kept, auto-removal cancelled, TTL restarted."""
+    router, store, clock = make_router(auto_remove_grace=10, unused_ttl=100)
+    reg = register(router, id_req="myhost01")
+    host, host_socket = join(router, reg)
+    client, _ = join(router, reg, CLIENT)
+    assert register(router, id_req="myhost01") == reg
+    assert host_socket.closed is None and len(router.registrations[reg].members) == 2
+    router.leave(host)
+    router.leave(client)
+    assert router.registrations[reg].expiry is not None  # the grace runs
+    clock.advance(5)
+    assert register(router, id_req="myhost01") == reg
+    clock.advance(50)
+    assert reg in router.registrations  # the grace was cancelled
+    assert store.rows[reg].registered_at == 5
+    clock.advance(60)
+    assert reg not in router.registrations  # the TTL, restarted at 5, ends it at 105
+
+
+def test_reregistration_with_other_type_or_keys_is_not_the_owner() -> None:
+    """Another reg_type or a wrong key never takes over an existing registration."""
+    router, store, _ = make_router()
+    reg = register(router, id_req="myhost01")
+    salt = store.rows[reg].key_salt
+    assert register(router, reg_type="lobby", id_req="myhost01") != reg
+    assert register(router, host_key="x", id_req="myhost01") != reg
+    assert store.rows[reg].key_salt == salt and store.rows[reg].reg_type == "hostclient"
+
+
+def test_max_registrations() -> None:
+    """Registrations stop at max_registrations; removing one makes room."""
+    router, _, _ = make_router(max_registrations=3)
+    ids = [register(router) for _ in range(3)]
+    assert error_name(router.register("k", "h", "lobby", None)) == "TooManyRegistrations"
+    result(router.remove(ids[0], "k", "h"))
+    register(router)
+
+
+class ManualStore(MemoryRegistrations):
+    """A store whose inserts wait until the test fires them."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.pending: list[tuple[Record, defer.Deferred[bool]]] = []
+
+    def insert(self, record: Record) -> defer.Deferred[bool]:
+        d: defer.Deferred[bool] = defer.Deferred()
+        self.pending.append((record, d))
+        return d
+
+    def commit(self, index: int = 0) -> None:
+        record, d = self.pending.pop(index)
+        d.callback(result(super().insert(record)))
+
+
+def test_concurrent_registrations_of_one_id_never_overwrite() -> None:
+    """Two registrations racing for one id_req: one gets it, the other a fresh id."""
+    store, clock = ManualStore(), Clock()
+    router = Router(RouterRules(), store, clock)
+    first = router.register("k1", "h", "hostclient", "contest1")
+    second = router.register("k2", "h", "hostclient", "contest1")
+    assert len(store.pending) == 2
+    assert {store.pending[0][0].id, store.pending[1][0].id} - {"contest1"}  # one got another id
+    store.commit()
+    store.commit()
+    ids = {result(first), result(second)}
+    assert "contest1" in ids and len(ids) == 2
+    winner = store.rows["contest1"]
+    assert winner.key_salt == router.registrations["contest1"].record.key_salt
+
+
+def test_id_still_in_the_store_is_chosen_again() -> None:
+    """If the store already holds the chosen id, the registration takes another one."""
+    router, store, _ = make_router()
+    store.rows["myhost01"] = Record("myhost01", "lobby", b"s", b"h", b"s", b"h", 0.0)
+    reg = register(router, id_req="myhost01")
+    assert reg != "myhost01" and reg in store.rows
+    assert store.rows["myhost01"].key_salt == b"s"
+
+
+def test_storage_errors() -> None:
+    """A failing store write is StorageError, and nothing is registered."""
+    router, store, _ = make_router()
+    store.insert = lambda record: defer.fail(sqlite3.OperationalError("disk full"))  # type: ignore
+    assert error_name(router.register("k", "h", "lobby", None)) == "StorageError"
+    assert not router.registrations and not router.reserved
+
+
+def test_hash_failure_is_UnhashableKey() -> None:
+    """A key that cannot be hashed is UnhashableKey."""
+    router, _, _ = make_router()
+    router.keys = KeyHashing(lambda fn: defer.fail(ValueError("no")))
+    assert error_name(router.register("k", "h", "lobby", None)) == "UnhashableKey"
+
+
+# -- /connect --------------------------------------------------------------------------------------
+
+
+def test_admission_order() -> None:
+    """Unknown id, then the key, then sock_type, then the socket limit."""
+    router, _, _ = make_router(max_sockets_per_registration=2)
+    reg = register(router)
+    with pytest.raises(UnknownRegistration):
+        result(router.admit("nope", "k", HOST))
+    assert error_name(router.admit(reg, "wrong", "Host")) == "IncorrectKey"
+    for sock_type in (None, "Host", "host/", "/host", ""):
+        assert error_name(router.admit(reg, "k", sock_type)) == "InvalidSockType"
+    result(router.admit(reg, "k", HOST))  # arriving, counted against the limit
+    join(router, reg, CLIENT)
+    assert error_name(router.admit(reg, "k", HOST)) == "TooManyConnections"
+
+
+def test_lobby_ignores_sock_type() -> None:
+    """A lobby admits any sock_type as a member."""
+    router, _, _ = make_router()
+    reg = register(router, reg_type="lobby")
+    for sock_type in (None, "host", "client", "nonsense"):
+        assert result(router.admit(reg, "k", sock_type))[1] == MEMBER
+
+
+def test_removed_during_key_check_is_unknown() -> None:
+    """A registration removed while the key is being verified gives 404."""
+    router, _, _ = make_router()
+    reg = register(router)
+    waiting: list[tuple[Any, defer.Deferred[Any]]] = []
+
+    def later(fn: Any) -> defer.Deferred[Any]:
+        d: defer.Deferred[Any] = defer.Deferred()
+        waiting.append((fn, d))
+        return d
+    router.keys = KeyHashing(later)
+    admission = router.admit(reg, "k", HOST)
+    router._drop(router.registrations[reg], "test")
+    fn, d = waiting.pop()
+    d.callback(fn())
+    with pytest.raises(UnknownRegistration):
+        result(admission)
+
+
+def test_join_after_removal_is_refused() -> None:
+    """A socket admitted before its registration was removed does not join it."""
+    router, _, _ = make_router()
+    reg = register(router)
+    registration, role = result(router.admit(reg, "k", HOST))
+    result(router.remove(reg, "k", "h"))
+    assert router.join(registration, FakeSocket(), role) is None
+
+
+# -- relay -----------------------------------------------------------------------------------------
+
+
+def test_lobby_relay() -> None:
+    """Lobby: to every other member, never back; opcode kept."""
+    router, _, _ = make_router()
+    reg = register(router, reg_type="lobby")
+    (a, sa), (_, sb), (_, sc) = (join(router, reg, None) for _ in range(3))
+    router.relay(a, b"hi", False)
+    router.relay(a, b"\x00\x01", True)
+    assert sa.received == []
+    assert sb.received == sc.received == [(b"hi", False), (b"\x00\x01", True)]
+
+
+def test_host_client_relay() -> None:
+    """Host to every client, client to every host, never sideways."""
+    router, _, _ = make_router()
+    reg = register(router)
+    (h1, sh1), (_, sh2) = join(router, reg, HOST), join(router, reg, HOST)
+    (c1, sc1), (_, sc2) = join(router, reg, CLIENT), join(router, reg, CLIENT)
+    router.relay(c1, b"offer", False)
+    assert sh1.received == sh2.received == [(b"offer", False)] and sc2.received == []
+    router.relay(h1, b"answer", False)
+    assert sc1.received == sc2.received == [(b"answer", False)]
+    assert sh2.received == [(b"offer", False)]
+
+
+def test_no_recipient_is_dropped() -> None:
+    """A message with no recipient goes nowhere and raises nothing."""
+    router, _, _ = make_router()
+    reg = register(router)
+    host, socket = join(router, reg, HOST)
+    router.relay(host, b"alone", False)
+    assert socket.received == [] and socket.closed is None
+
+
+def test_remove_closes_sockets_and_drops_their_frames() -> None:
+    """/remove closes sockets with 1000, drops later frames; wrong keys change nothing."""
+    router, store, _ = make_router()
+    reg = register(router)
+    host, sh = join(router, reg, HOST)
+    client, sc = join(router, reg, CLIENT)
+    assert error_name(router.remove(reg, "k", "wrong")) == "InvalidKey"
+    assert error_name(router.remove(reg, "wrong", "h")) == "InvalidKey"
+    assert reg in router.registrations and sh.closed is None
+    result(router.remove(reg, "k", "h"))
+    assert sh.closed == sc.closed == (1000, "registration removed")
+    assert reg not in router.registrations and reg not in store.rows
+    router.relay(client, b"late", False)
+    assert sh.received == []
+    with pytest.raises(UnknownRegistration):
+        result(router.remove(reg, "k", "h"))
+
+
+# -- timers ----------------------------------------------------------------------------------------
+
+
+def test_auto_remove_grace() -> None:
+    """The last socket leaving starts the grace; a new socket cancels it; expiry removes."""
+    router, store, clock = make_router(auto_remove_grace=60)
+    reg = register(router)
+    member, _ = join(router, reg)
+    router.leave(member)
+    clock.advance(59)
+    member, _ = join(router, reg)
+    clock.advance(120)
+    assert reg in router.registrations
+    router.leave(member)
+    clock.advance(60)
+    assert reg not in router.registrations and reg not in store.rows
+
+
+def test_auto_remove_without_grace_and_off() -> None:
+    """Grace 0 removes at once; auto_remove = false never removes a connected registration."""
+    router, _, _ = make_router(auto_remove_grace=0)
+    reg = register(router)
+    member, _ = join(router, reg)
+    router.leave(member)
+    assert reg not in router.registrations
+    keep, _, clock = make_router(auto_remove=False)
+    reg = register(keep)
+    member, _ = join(keep, reg)
+    keep.leave(member)
+    clock.advance(10 ** 6)
+    assert reg in keep.registrations
+
+
+def test_stale_timer_never_removes_a_newer_registration() -> None:
+    """An old registration's grace timer does not remove a newer one with the same id."""
+    router, store, clock = make_router(auto_remove_grace=10)
+    reg = register(router, id_req="shared01")
+    member, _ = join(router, reg)
+    router.leave(member)
+    old = router.registrations[reg]
+    old_timer = old.expiry
+    del router.registrations[reg]  # gone without its timer being cancelled
+    del store.rows[reg]
+    assert register(router, key="new", id_req="shared01") == "shared01"
+    newer = router.registrations["shared01"]
+    assert old_timer.active()
+    clock.advance(10)
+    assert router.registrations.get("shared01") is newer
+
+
+def test_unused_ttl() -> None:
+    """A registration that never had a socket goes after unused_ttl; one that had stays."""
+    router, store, clock = make_router(unused_ttl=30, auto_remove=False)
+    unused = register(router)
+    used = register(router)
+    member, _ = join(router, used)
+    router.leave(member)
+    clock.advance(30)
+    assert unused not in router.registrations and unused not in store.rows
+    assert used in router.registrations and store.rows[used].connected
+
+
+def test_leaving_at_shutdown_keeps_the_registration() -> None:
+    """Sockets closed by shutdown arm no removal."""
+    router, _, clock = make_router(auto_remove_grace=0)
+    reg = register(router)
+    member, _ = join(router, reg)
+    router.leave(member, shutting_down=True)
+    clock.advance(100)
+    assert reg in router.registrations
+
+
+def test_abandoned_admission_rearms_expiry() -> None:
+    """An admitted socket that never finishes its handshake leaves the TTL running."""
+    router, _, clock = make_router(unused_ttl=30)
+    reg = register(router)
+    registration, _ = result(router.admit(reg, "k", HOST))
+    assert registration.expiry is None
+    router.abandon(registration)
+    clock.advance(30)
+    assert reg not in router.registrations
+
+
+def test_timer_errors_are_logged_not_raised() -> None:
+    """An error during expiry is caught and logged; the clock keeps running."""
+    router, store, clock = make_router(unused_ttl=1)
+    reg = register(router)
+    store.delete = lambda *a: (_ for _ in ()).throw(RuntimeError("boom"))  # type: ignore
+    clock.advance(1)
+    register(router)
+    clock.advance(1)
+    assert reg not in router.registrations
+
+
+def test_load_takes_over_stored_registrations() -> None:
+    """At start: expired ones go, connected ones get their grace, unused ones their TTL."""
+    store, clock = MemoryRegistrations(), Clock()
+    clock.advance(1000)
+    for record in (Record("expired1", "lobby", b"1", b"h", b"s", b"h", 0.0),
+                   Record("unused01", "lobby", b"2", b"h", b"s", b"h", 990.0),
+                   Record("connect1", "hostclient", b"3", b"h", b"s", b"h", 0.0, True)):
+        result(store.insert(record))
+    router = Router(RouterRules(unused_ttl=100, auto_remove_grace=5), store, clock)
+    router.load(store.load())
+    assert set(router.registrations) == {"unused01", "connect1"}
+    assert "expired1" not in store.rows
+    clock.advance(5)
+    assert set(router.registrations) == {"unused01"}
+    clock.advance(85)
+    assert router.registrations == {}
+
+
+def test_stats_sorted() -> None:
+    """Stats list every registration by id with its open sockets and type name."""
+    router, _, _ = make_router()
+    b = register(router, id_req="bbbbbbbb")
+    register(router, reg_type="lobby", id_req="aaaaaaaa")
+    join(router, b)
+    assert router.stats() == [
+        {"connections": 0, "destroy": False, "id": "aaaaaaaa", "reg_type": "Lobby"},
+        {"connections": 1, "destroy": False, "id": "bbbbbbbb", "reg_type": "HostClient"}]
+
+
+def test_error_statuses() -> None:
+    """Upstream codes by default, semantic ones when asked; the body names the error."""
+    assert RouterError("IncorrectKey").status("upstream") == 500
+    assert RouterError("IncorrectKey").status("semantic") == 403
+    assert RouterError("InUseID").status("semantic") == 409
+    assert RouterError("TooManyRegistrations").status("upstream") == 503
+    assert RouterError("InvalidSockType").body == b"Unhandled rejection: InvalidSockType"
+
+
+# -- the SQLite store ------------------------------------------------------------------------------
+
+
+def record(reg_id: str, salt: bytes = b"salt") -> Record:
+    return Record(reg_id, "hostclient", salt, b"hash", b"hsalt", b"hhash", 12.5)
+
+
+def test_sqlite_schema_is_versioned(tmp_path: Path) -> None:
+    """A new file gets the registrations table and a version table holding the version."""
+    store = SqliteFile(tmp_path / "sub" / "r.sqlite3")
+    assert store.open() == []
+    store.close()
+    db = sqlite3.connect(tmp_path / "sub" / "r.sqlite3")
+    assert db.execute("SELECT version FROM version").fetchall() == [(SCHEMA_VERSION,)]
+    assert db.execute("SELECT count(*) FROM registrations").fetchone() == (0,)
+    db.close()
+
+
+def test_sqlite_round_trip(tmp_path: Path) -> None:
+    """Rows persist; a duplicate id is refused; updates and deletes need the matching salt."""
+    store = SqliteFile(tmp_path / "r.sqlite3")
+    store.open()
+    assert store.insert(record("id000001"))
+    assert not store.insert(record("id000001", b"other"))
+    store.update("id000001", b"other", connected=True)
+    store.delete("id000001", b"other")
+    store.update("id000001", b"salt", registered_at=99.0, connected=True)
+    store.close()
+    again = SqliteFile(tmp_path / "r.sqlite3")
+    assert again.open() == [Record("id000001", "hostclient", b"salt", b"hash", b"hsalt",
+                                   b"hhash", 99.0, True)]
+    again.delete("id000001", b"salt")
+    again.close()
+    assert SqliteFile(tmp_path / "r.sqlite3").open() == []
+
+
+def test_sqlite_ids_are_byte_exact(tmp_path: Path) -> None:
+    """Ids differing only in case or normalisation are different registrations."""
+    store = SqliteFile(tmp_path / "r.sqlite3")
+    store.open()
+    for reg_id in ("MyHost01", "myhost01", "caf\u00e9 0001", "cafe\u0301 0001"):
+        assert store.insert(record(reg_id))
+    store.close()
+
+
+@pytest.mark.parametrize("content,message", [
+    (b"not a database at all" * 200, "not a readable router store"),
+])
+def test_unreadable_store_fails_clearly(tmp_path: Path, content: bytes, message: str) -> None:
+    """A file that is not a router store raises StoreError naming the file."""
+    path = tmp_path / "r.sqlite3"
+    path.write_bytes(content)
+    with pytest.raises(StoreError, match=message) as caught:
+        SqliteFile(path).open()
+    assert str(path) in str(caught.value)
+
+
+def test_foreign_or_newer_database_is_refused(tmp_path: Path) -> None:
+    """A database of something else, or of a newer schema, is refused."""
+    foreign = tmp_path / "f.sqlite3"
+    db = sqlite3.connect(foreign)
+    db.execute("CREATE TABLE users (name TEXT)")
+    db.commit()
+    db.close()
+    with pytest.raises(StoreError, match="not a router store"):
+        SqliteFile(foreign).open()
+    newer = tmp_path / "n.sqlite3"
+    SqliteFile(newer).open()
+    db = sqlite3.connect(newer)
+    db.execute("UPDATE version SET version = 99")
+    db.commit()
+    db.close()
+    with pytest.raises(StoreError, match="schema version 99"):
+        SqliteFile(newer).open()
+
+
+class CallingReactor:
+    """Runs what the store hands back to the reactor thread at once (on the store thread)."""
+
+    def callFromThread(self, fn: Any, *args: Any) -> None:
+        fn(*args)
+
+
+def test_threaded_store_serialises_writes(tmp_path: Path) -> None:
+    """Queued writes run in order on one thread; none is lost, no id is overwritten."""
+    store = SqliteRegistrations(tmp_path / "r.sqlite3", CallingReactor())
+    store.load()
+    outcomes: list[tuple[str, bool]] = []
+    threads: set[str] = set()
+    for n in range(100):
+        reg_id = "same0001" if n % 10 == 0 else f"id{n:06d}"
+        store.insert(record(reg_id, salt=b"%d" % n)).addCallback(
+            lambda ok, reg_id=reg_id: (outcomes.append((reg_id, ok)),
+                                       threads.add(threading.current_thread().name)))
+    done = threading.Event()
+    store.close().addCallback(lambda _: done.set())
+    assert done.wait(10)
+    assert len(outcomes) == 100 and len(threads) == 1
+    assert [ok for reg_id, ok in outcomes if reg_id == "same0001"] == [True] + [False] * 9
+    check = SqliteFile(tmp_path / "r.sqlite3")
+    rows = {r.id: r for r in check.open()}
+    check.close()
+    assert len(rows) == 91 and rows["same0001"].key_salt == b"0"
