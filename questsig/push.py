@@ -42,12 +42,13 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from py_vapid.jwt import sign as sign_jwt
 from pywebpush import WebPusher
 from twisted.application.service import Service
-from twisted.internet import defer, task, threads
+from twisted.internet import defer, task
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.python.threadpool import ThreadPool
 
 from questsig.modes import ConfigError, Context
+from questsig.sqlite import SchemaMismatch, migrate
+from questsig.workers import Workers
 
 log = Logger()
 
@@ -337,19 +338,11 @@ class SubscriptionStore:
 
     def open(self) -> None:
         db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
-        tables = {row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
-        if "version" not in tables:
-            with db:
-                db.execute("BEGIN")
-                for statement in SCHEMA.split(";"):
-                    if statement.strip():
-                        db.execute(statement)
-                db.execute("INSERT INTO version (version) VALUES (?)", (SCHEMA_VERSION,))
-        else:
-            (version,) = db.execute("SELECT version FROM version").fetchone() or (None,)
-            if version != SCHEMA_VERSION:
-                db.close()
-                raise RuntimeError(f"unknown push store schema version {version!r}")
+        try:
+            migrate(db, SCHEMA, SCHEMA_VERSION, "push")
+        except SchemaMismatch:
+            db.close()
+            raise
         self.db = db
 
     def close(self) -> None:
@@ -392,24 +385,6 @@ class SubscriptionStore:
 
 
 # -- the service ---------------------------------------------------------------------------------
-
-
-class ThreadRunner:
-    """Runs blocking calls on a thread pool of its own, as Deferreds on the reactor."""
-
-    def __init__(self, reactor: Any, name: str, max_threads: int):
-        self.reactor = reactor
-        self.pool = ThreadPool(0, max_threads, name=name)
-
-    def start(self) -> None:
-        self.pool.start()
-
-    def stop(self) -> defer.Deferred[None]:
-        # joining the threads blocks, so not on the reactor thread
-        return threads.deferToThread(self.pool.stop)
-
-    def run(self, fn: Callable[..., Any], *args: Any) -> defer.Deferred[Any]:
-        return threads.deferToThreadPool(self.reactor, self.pool, fn, *args)
 
 
 @dataclass(frozen=True)
@@ -653,8 +628,8 @@ def make_push_service(settings: Mapping[str, Any], context: Context, hub: Any) -
     return PushService(
         PushSettings.from_settings(settings), vapid,
         SubscriptionStore(store_path(settings, context.state_dir)), context.reactor,
-        ThreadRunner(context.reactor, "questsig-push-store", 1),
-        ThreadRunner(context.reactor, "questsig-push-send", MAX_IN_FLIGHT),
+        Workers(context.reactor, "questsig-push-store", 1),
+        Workers(context.reactor, "questsig-push-send", MAX_IN_FLIGHT),
         log_names=context.log_requests)
 
 

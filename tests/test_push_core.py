@@ -20,6 +20,7 @@ from questsig import push
 from questsig.modes import ConfigError
 from questsig.push import (DAY, EXPIRY_INTERVAL, MAX_IN_FLIGHT, MAX_QUEUED, InvalidSubscription,
                            PushService, PushSettings, Subscription, SubscriptionStore, Vapid)
+from questsig.sqlite import SchemaMismatch
 from webpush_stub import Browser, Delivery, check_vapid, decrypt
 
 SUBJECT = "mailto:ops@example.com"
@@ -286,8 +287,19 @@ def test_store_refuses_an_unknown_schema_version(tmp_path: Path) -> None:
     path = str(tmp_path / "s.sqlite3")
     with sqlite3.connect(path) as db:
         db.execute("CREATE TABLE version (version INTEGER NOT NULL)")
+        db.execute("CREATE TABLE push_subscription (username TEXT PRIMARY KEY,"
+                   " subscription TEXT NOT NULL, updated_at REAL NOT NULL)")
         db.execute("INSERT INTO version VALUES (99)")
-    with pytest.raises(RuntimeError, match="99"):
+    with pytest.raises(SchemaMismatch, match="schema version 99"):
+        SubscriptionStore(path).open()
+
+
+def test_store_refuses_a_foreign_file(tmp_path: Path) -> None:
+    """An SQLite file with other tables is not taken for a push store."""
+    path = str(tmp_path / "s.sqlite3")
+    with sqlite3.connect(path) as db:
+        db.execute("CREATE TABLE registrations (id TEXT)")
+    with pytest.raises(SchemaMismatch, match="not a push store"):
         SubscriptionStore(path).open()
 
 

@@ -12,13 +12,14 @@ stored fails instead of overwriting the first, and the caller picks another id.
 from __future__ import annotations
 
 import sqlite3
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, TypeVar
 
 from twisted.internet import defer
-from twisted.python.failure import Failure
+
+from questsig.sqlite import SchemaMismatch, migrate
+from questsig.workers import Workers
 
 T = TypeVar("T")
 
@@ -121,23 +122,10 @@ class SqliteFile:
                        float(r[6]), bool(r[7])) for r in rows]
 
     def _migrate(self, db: sqlite3.Connection) -> None:
-        tables = {row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
-        if not tables:
-            with db:
-                db.execute("BEGIN")
-                for statement in SCHEMA.split(";"):
-                    if statement.strip():
-                        db.execute(statement)
-                db.execute("INSERT INTO version VALUES (?)", (SCHEMA_VERSION,))
-            return
-        if "version" not in tables or "registrations" not in tables:
-            raise StoreError(f"router store {self.path}: not a router store "
-                             f"(tables: {', '.join(sorted(tables))})")
-        row = db.execute("SELECT version FROM version").fetchone()
-        if row is None or row[0] != SCHEMA_VERSION:
-            found = "none" if row is None else row[0]
-            raise StoreError(f"router store {self.path}: schema version {found}, "
-                             f"this questsig reads version {SCHEMA_VERSION}")
+        try:
+            migrate(db, SCHEMA, SCHEMA_VERSION, "router")
+        except SchemaMismatch as e:
+            raise StoreError(f"router store {self.path}: {e}") from None
 
     def _db(self) -> sqlite3.Connection:
         if self.db is None:
@@ -184,28 +172,20 @@ class SqliteRegistrations:
     def __init__(self, path: Path, reactor: Any):
         self.file = SqliteFile(path)
         self.reactor = reactor
-        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="router-store")
+        self._thread = Workers(reactor, "router-store", 1)
 
     def load(self) -> list[Record]:
         """Open (creating the schema if the file is new) and read every registration.
 
-        Runs before the server listens, so it waits for the store thread; a store that cannot
-        be read raises :class:`StoreError`.
+        Runs at start-up before the server listens, so it may block; a store that cannot be
+        read raises :class:`StoreError`.
         """
-        return self._thread.submit(self.file.open).result()
+        records = self.file.open()
+        self._thread.start()
+        return records
 
     def _call(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> defer.Deferred[T]:
-        d: defer.Deferred[T] = defer.Deferred()
-
-        def finished(future: Future[T]) -> None:
-            error = future.exception()
-            if error is None:
-                self.reactor.callFromThread(d.callback, future.result())
-            else:
-                self.reactor.callFromThread(d.errback, Failure(error))
-
-        self._thread.submit(fn, *args, **kwargs).add_done_callback(finished)
-        return d
+        return self._thread.run(fn, *args, **kwargs)
 
     def insert(self, record: Record) -> defer.Deferred[bool]:
         return self._call(self.file.insert, record)
@@ -219,5 +199,5 @@ class SqliteRegistrations:
     def close(self) -> defer.Deferred[None]:
         """Finish every queued write, then close the file."""
         d = self._call(self.file.close)
-        self._thread.shutdown(wait=False)
+        self._thread.stop()
         return d

@@ -17,10 +17,8 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from twisted.internet import defer
-from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.python.threadpool import ThreadPool
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 
@@ -31,6 +29,7 @@ from questsig.modes.router import (
 )
 from questsig.modes.router_store import MemoryRegistrations, SqliteRegistrations, StoreError
 from questsig.websocket import Connection, WebSocketResource, make_factory
+from questsig.workers import Workers
 
 log = Logger()
 
@@ -282,9 +281,8 @@ class RouterService(ModeService):
         reactor = context.reactor
         # Hashing is CPU-bound and scrypt releases the GIL: one thread per core, and its own
         # pool, so that a flood of /register calls cannot starve other users of the reactor's.
-        self.key_threads = ThreadPool(minthreads=0, maxthreads=os.cpu_count() or 2,
-                                      name="router-keys")
-        self.keys = KeyHashing(lambda fn: deferToThreadPool(reactor, self.key_threads, fn))
+        self.key_threads = Workers(reactor, "router-keys", os.cpu_count() or 2)
+        self.keys = KeyHashing(self.key_threads.run)
 
     def router_for(self, settings: Mapping[str, Any]) -> Router:
         path = Path(self.context.state_dir) / settings["store_path"]
@@ -335,4 +333,4 @@ class RouterService(ModeService):
         for router, _ in self.routers.values():
             router.stop()
         yield defer.DeferredList([store.close() for _, store in self.routers.values()])
-        self.key_threads.stop()
+        yield self.key_threads.stop()
