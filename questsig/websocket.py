@@ -273,6 +273,20 @@ class Connection(WebSocketServerProtocol):
             self.transport.abortConnection()
 
 
+def broadcast(peers: list[Any], payload: bytes, binary: bool = False) -> None:
+    """Send one message to many connections, framing it once: server frames are not masked,
+    so the same bytes serve every receiver. Peers that are not :class:`Connection` (test
+    doubles) get an ordinary ``send``."""
+    prepared = None
+    for peer in peers:
+        if isinstance(peer, Connection):
+            if prepared is None:
+                prepared = peer.factory.prepareMessage(payload, isBinary=binary)
+            peer.send_prepared(prepared, len(payload))
+        else:
+            peer.send(payload, binary)
+
+
 class ExactTimer:
     """Stands in for Autobahn's ``factory._batched_timer``: each call at its own deadline."""
 

@@ -18,7 +18,7 @@ import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping, Protocol
+from typing import Any, Callable, Mapping, Protocol
 from urllib.parse import parse_qs
 
 from twisted.logger import Logger
@@ -226,6 +226,11 @@ def _has_lone_surrogate(value: Any) -> bool:
     return False
 
 
+def _send_each(peers: list[Peer], payload: bytes) -> None:
+    for peer in peers:
+        peer.send(payload)
+
+
 class Client:
     """One open hub connection."""
 
@@ -242,10 +247,13 @@ class Hub:
     """The name table and broadcast set shared by every hub listener of a process."""
 
     def __init__(self, max_connections: int = 0, push: PushSink | None = None,
-                 log_names: bool = False):
+                 log_names: bool = False,
+                 fanout: Callable[[list[Peer], bytes], None] | None = None):
         self.max_connections = max_connections
         self.push = push
         self.log_names = log_names
+        #: sends one payload to many peers (the adapter frames it once for all)
+        self.fanout = fanout or _send_each
         self.names: dict[str, Client] = {}
         self.clients: dict[Client, None] = {}  # ordered set: broadcast order is join order
 
@@ -301,8 +309,7 @@ class Hub:
             else:
                 self._error(client, "not-found", not_found(dialect, target), target=target)
         elif protocol == "one-to-all":
-            for other in list(self.clients):
-                other.peer.send(payload)
+            self.fanout([other.peer for other in self.clients], payload)
         elif protocol == "one-to-self":
             client.peer.send(payload)
         else:

@@ -7,7 +7,7 @@ from twisted.logger import Logger
 
 from questsig.modes import Context, ModeService, Mount
 from questsig.modes.hub import Client, Hub, HubListener
-from questsig.websocket import Connection, WebSocketResource, make_factory
+from questsig.websocket import Connection, WebSocketResource, broadcast, make_factory
 
 log = Logger()
 
@@ -36,7 +36,7 @@ class HubService(ModeService):
     def __init__(self, settings: Mapping[str, Any], context: Context):
         super().__init__(settings, context)
         self.hub = Hub(max_connections=settings["max-connections"],
-                       log_names=context.log_requests)
+                       log_names=context.log_requests, fanout=broadcast)
         self.push = None
         if settings.get("push-vapid-key") or settings.get("push-vapid-subject"):
             from questsig.push import make_push_service
