@@ -23,9 +23,12 @@ import websockets
 TWISTD = str(Path(sys.executable).with_name("twistd"))
 
 
-def start_server() -> tuple[subprocess.Popen, int]:
+def start_server(mounts: tuple[str, ...] = ("/=hub",)) -> tuple[subprocess.Popen, int]:
+    """`twistd -n questsig` on a free loopback port, with the given mounts (none: every mode
+    under its default prefix); the process and its port."""
+    args = [a for m in mounts for a in ("--mount", m)]
     proc = subprocess.Popen([TWISTD, "-n", "--pidfile=", "questsig", "--endpoint",
-                             "tcp:0:interface=127.0.0.1:backlog=1024", "--mount", "/=hub",
+                             "tcp:0:interface=127.0.0.1:backlog=1024", *args,
                              "--set", "hub.ping-interval=0"],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     assert proc.stdout is not None
