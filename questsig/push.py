@@ -37,6 +37,7 @@ from typing import Any, Callable, Mapping, Sequence
 from urllib.parse import urlsplit
 
 import requests
+import urllib3
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from py_vapid.jwt import sign as sign_jwt
@@ -132,9 +133,27 @@ def _ip_literal(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | No
             return ipaddress.IPv4Address(socket.inet_aton(host))
         except OSError:
             return None
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        return address.ipv4_mapped
+    if isinstance(address, ipaddress.IPv6Address):
+        return _embedded_ipv4(address) or address
     return address
+
+
+#: IPv6 prefixes whose last 32 bits are an IPv4 address that translators or tunnels reach:
+#: NAT64 (RFC 6052, RFC 8215), IPv4-compatible and IPv4-translated (SIIT) addresses
+_IPV4_CARRIERS = tuple(ipaddress.IPv6Network(n) for n in (
+    "64:ff9b::/96", "64:ff9b:1::/48", "::/96", "::ffff:0:0:0/96"))
+
+
+def _embedded_ipv4(address: ipaddress.IPv6Address) -> ipaddress.IPv4Address | None:
+    """The IPv4 address an IPv6 literal leads to, if it embeds one (so ``[::ffff:10.0.0.1]``,
+    ``[64:ff9b::10.0.0.1]`` and ``[2002:a00:1::]`` are as private as ``10.0.0.1``)."""
+    if address.ipv4_mapped is not None:
+        return address.ipv4_mapped
+    if address.sixtofour is not None:
+        return address.sixtofour
+    if any(address in network for network in _IPV4_CARRIERS):
+        return ipaddress.IPv4Address(int(address) & 0xFFFFFFFF)
+    return None
 
 
 def host_is_private(host: str) -> bool:
@@ -156,7 +175,7 @@ def parse_subscription(data: Any, allowed_hosts: Sequence[str] = (),
     if isinstance(data, str):
         try:
             data = json.loads(data)
-        except ValueError:
+        except (ValueError, RecursionError):  # the string is the client's: any depth
             raise InvalidSubscription("not JSON") from None
     if not isinstance(data, dict):
         raise InvalidSubscription("not an object")
@@ -254,14 +273,113 @@ def build_request(subscription: Subscription, payload: bytes, vapid: Vapid, enco
 _sessions = threading.local()
 
 
-def post(request: PushRequest, timeout: float) -> int:
-    """Send one push and return the HTTP status (blocking: runs on a push thread)."""
+def _headers_as_given(prepared: Any) -> Any:
+    return prepared
+
+
+class _Deadline:
+    """push-timeout for a whole push. requests' timeout bounds each socket operation only, so
+    a push service (any host a client names) that trickles its TLS handshake or response
+    would hold a push thread, and with four of them every user's pushes, for as long as it
+    liked; past the deadline the socket is shut down."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.sock: socket.socket | None = None
+        self.passed = False
+
+    def watch(self, sock: socket.socket | None) -> None:
+        with self.lock:
+            self.sock = sock
+            passed = self.passed
+        if passed:
+            self._shut(sock)
+
+    def cut(self) -> None:
+        with self.lock:
+            self.passed = True
+            sock = self.sock
+        self._shut(sock)
+
+    @staticmethod
+    def _shut(sock: socket.socket | None) -> None:
+        if sock is not None:
+            try:
+                # the plain socket's shutdown, also under TLS: SSLSocket.shutdown would unwrap
+                # the TLS state under the push thread's feet
+                socket.socket.shutdown(sock, socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+
+class _WatchedConnection:
+    """Tells the thread's current :class:`_Deadline` which socket a push uses."""
+
+    def _new_conn(self) -> socket.socket:
+        sock = super()._new_conn()  # type: ignore[misc]
+        deadline = getattr(_sessions, "deadline", None)
+        if deadline is not None:
+            deadline.watch(sock)
+        return sock
+
+    def request(self, *args: Any, **kwargs: Any) -> None:
+        deadline = getattr(_sessions, "deadline", None)
+        if deadline is not None:  # also a kept-alive connection
+            deadline.watch(getattr(self, "sock", None))
+        super().request(*args, **kwargs)  # type: ignore[misc]
+
+
+class _HTTPConnection(_WatchedConnection, urllib3.connection.HTTPConnection):
+    pass
+
+
+class _HTTPSConnection(_WatchedConnection, urllib3.connection.HTTPSConnection):
+    pass
+
+
+class _HTTPPool(urllib3.HTTPConnectionPool):
+    ConnectionCls = _HTTPConnection
+
+
+class _HTTPSPool(urllib3.HTTPSConnectionPool):
+    ConnectionCls = _HTTPSConnection
+
+
+def _session() -> requests.Session:
     session = getattr(_sessions, "session", None)
     if session is None:
         session = _sessions.session = requests.Session()
-    # redirects could point a client-supplied endpoint anywhere; the body is never needed
+        for adapter in session.adapters.values():
+            adapter.poolmanager.pool_classes_by_scheme = {"http": _HTTPPool,
+                                                          "https": _HTTPSPool}
+    return session
+
+
+def post(request: PushRequest, timeout: float) -> int:
+    """Send one push and return the HTTP status (blocking: runs on a push thread)."""
+    session = _session()
+    deadline = _sessions.deadline = _Deadline()
+    timer = threading.Timer(timeout, deadline.cut)
+    timer.daemon = True
+    timer.start()
+    try:
+        return _post(session, request, timeout)
+    except Exception as e:
+        if deadline.passed:
+            raise requests.Timeout(f"no answer within {timeout:g} s") from e
+        raise
+    finally:
+        timer.cancel()
+        _sessions.deadline = None
+
+
+def _post(session: requests.Session, request: PushRequest, timeout: float) -> int:
+    # redirects could point a client-supplied endpoint anywhere; the body is never needed;
+    # an explicit auth keeps requests from sending the operator's ~/.netrc credentials to
+    # whatever host a client names (and from replacing the VAPID Authorization header)
     response = session.post(request.url, data=request.body, headers=request.headers,
-                            timeout=timeout, allow_redirects=False, stream=True)
+                            timeout=timeout, allow_redirects=False, stream=True,
+                            auth=_headers_as_given)
     response.close()
     return response.status_code
 
@@ -437,6 +555,10 @@ class PushService(Service):
         self.in_flight: dict[defer.Deferred[Any], None] = {}
         self.outcomes: collections.Counter[str] = collections.Counter()
         self.expiry: task.LoopingCall | None = None
+        #: name -> the newest subscription a store job has yet to write: a client repeating
+        #: subscribe-push faster than SQLite commits queues one job, not one per message
+        self._unwritten: dict[str, tuple[str, float]] = {}
+        self._unwritten_lock = threading.Lock()
 
     # PushSink
 
@@ -447,7 +569,7 @@ class PushService(Service):
         except InvalidSubscription as e:
             log.info("push: invalid subscription{who}: {why}", who=self._who(name), why=str(e))
             return False
-        self._in_store(self.store.put, name, subscription.to_json(), self.wall_clock())
+        self._put(name, subscription.to_json(), self.wall_clock())
         if self.log_names:
             log.info("push: {name!r} subscribed at {host}", name=name, host=subscription.host)
         return True
@@ -503,10 +625,41 @@ class PushService(Service):
 
         return self.store_runner.run(fn, *args).addErrback(failed)
 
+    def _put(self, name: str, subscription: str, now: float) -> None:
+        with self._unwritten_lock:
+            queued = name in self._unwritten
+            self._unwritten[name] = (subscription, now)
+        if queued:
+            return
+        ran = False
+
+        def put_newest() -> None:  # on the store thread
+            nonlocal ran
+            ran = True
+            with self._unwritten_lock:
+                newest = self._unwritten.pop(name, None)
+            if newest is not None:
+                self.store.put(name, *newest)
+
+        def never_ran(_: Any) -> None:
+            if not ran:
+                with self._unwritten_lock:
+                    self._unwritten.pop(name, None)
+
+        self._in_store(put_newest).addCallback(never_ran)
+
     def _subscription_found(self, stored: str | None, sender: str, target: str) -> None:
         self.lookups -= 1
         if stored is None or not self.running:
             self._count("no-subscription")
+            return
+        try:
+            # stored under earlier settings: push-allowed-hosts or push-allow-private may have
+            # changed since, and an endpoint they now refuse must not be posted to
+            parse_subscription(stored, self.settings.allowed_hosts, self.settings.allow_private)
+        except InvalidSubscription as e:
+            self._dropped("refused-stored", "a push{to}: its stored subscription is refused now: "
+                          "{why}", to=f" to {target!r}" if self.log_names else "", why=str(e))
             return
         # a second request may have been accepted while this one looked its target up
         if self._paced(target):

@@ -75,6 +75,7 @@ PROTOCOL_ERROR = 1002
 INVALID_PAYLOAD = 1007
 POLICY_VIOLATION = 1008
 MESSAGE_TOO_BIG = 1009
+INTERNAL_ERROR = 1011
 
 DEFAULT_MAX_SEND_BUFFER = 8 * 1024 * 1024
 
@@ -205,6 +206,14 @@ class Connection(WebSocketServerProtocol):
                 self.dropConnection(abort=False)
                 return True
         return super().onCloseFrame(code, reasonRaw)
+
+    def _onMessage(self, payload: bytes, isBinary: bool) -> None:
+        try:
+            self.onMessage(payload, isBinary)
+        except Exception:
+            # a bug must cost only this connection, never the process or the other clients
+            log.failure("failed to handle a message")
+            self.close(INTERNAL_ERROR, "internal error")
 
     # -- for subclasses -----------------------------------------------------------------------
 

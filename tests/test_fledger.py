@@ -411,6 +411,25 @@ async def test_stalled_handshake_does_not_block(fledger, connect) -> None:
         stalled_ws.close()
 
 
+async def test_failure_after_the_signature_check_drops_only_that_node(fledger, connect) -> None:
+    """A failure while registering a checked Announce drops that connection without a Close
+    frame instead of leaving it unread for good; other nodes go on."""
+    other, key_o = await join(connect, fledger, "0.10")
+    core = fledger.mode("fledger").fledger
+
+    def broken(job: Any, valid: bool) -> None:
+        raise RuntimeError("a bug")
+
+    fledger.call(setattr, core, "verified", broken)
+    try:
+        node = await connect(fledger)
+        await node.send(announce("0.10", Key(), node.challenge))
+        assert await closed_with(node.ws, timeout=3) == (None, "")
+    finally:
+        fledger.call(delattr, core, "verified")
+    assert pubkeys(await other.list()) == [key_o.hex]
+
+
 async def test_invalid_utf8_closes_1007(fledger) -> None:
     """§7: invalid UTF-8 in a text frame closes with 1007."""
     raw = await RawWebSocket.connect(fledger.port(), b"/")

@@ -177,6 +177,21 @@ def test_system_config_and_push() -> None:
     assert lurker.sent == []
 
 
+def test_announce_push_is_one_fanout_of_one_frame() -> None:
+    """0.10: the announce push hands one list frame and every other node to the fan-out at
+    once, so the adapter can frame it once for all receivers."""
+    calls: list[tuple[list[object], bytes]] = []
+    core = Fledger(fanout=lambda peers, frame: calls.append((list(peers), frame)))
+    peer_b, _ = join(core, "0.10", Key())
+    peer_c, _ = join(core, "0.10", Key())
+    calls.clear()
+    peer_a, node_a = connect(core)
+    feed(core, node_a, announce("0.10", Key(), CHALLENGE))
+    assert len(calls) == 1
+    receivers, frame = calls[0]
+    assert receivers == [peer_b, peer_c] and len(listed(frame)) == 3
+
+
 def test_broadcast_off() -> None:
     """announce-broadcast = false: nobody gets a list they did not ask for."""
     core = Fledger(announce_broadcast=False)

@@ -83,6 +83,25 @@ def test_unsafe_endpoints_are_refused(endpoint: str) -> None:
 
 
 @pytest.mark.parametrize("endpoint", [
+    "https://[::127.0.0.1]/x", "https://[64:ff9b::10.0.0.1]/x", "https://[64:ff9b:1::a00:1]/x",
+    "https://[2002:7f00:1::1]/x", "https://[2002:c0a8:101::]/x", "https://[::ffff:0:a00:1]/x",
+])
+def test_ipv6_literals_embedding_a_private_ipv4_are_refused(endpoint: str) -> None:
+    """§8: an IPv6 literal that carries a private IPv4 address (NAT64, 6to4, IPv4-compatible,
+    IPv4-translated) is as private as that address."""
+    with pytest.raises(InvalidSubscription):
+        push.parse_subscription(with_endpoint(endpoint))
+
+
+@pytest.mark.parametrize("endpoint", ["https://[64:ff9b::8.8.8.8]/x", "https://[2002:808:808::]/x"])
+def test_ipv6_literals_embedding_a_public_ipv4_are_accepted(endpoint: str) -> None:
+    """§8: an IPv6 literal that carries a public IPv4 address is accepted like that address."""
+    assert push.parse_subscription(with_endpoint(endpoint)).endpoint == endpoint
+
+
+
+
+@pytest.mark.parametrize("endpoint", [
     "https://fcm.googleapis.com/fcm/send/abc",
     "https://updates.push.services.mozilla.com/wpush/v2/x",
     "https://8.8.8.8/x", "https://[2001:4860:4860::8888]/x", "https://push.example.com:8443/x",
@@ -128,6 +147,14 @@ def test_bad_subscription_data_is_refused(data: Any) -> None:
     auth is refused."""
     with pytest.raises(InvalidSubscription):
         push.parse_subscription(data)
+
+
+def test_deeply_nested_subscription_string_is_refused_not_raised() -> None:
+    """A subscriptionData string nested deeper than the parser can go is an invalid
+    subscription, not an exception into the hub."""
+    with pytest.raises(InvalidSubscription):
+        push.parse_subscription("[" * 100_000)
+    assert not Rig().service.subscribe("alice", '{"endpoint":' + "[" * 100_000)
 
 
 # -- payload and request -------------------------------------------------------------------------
@@ -178,6 +205,101 @@ def test_request_decrypts_and_carries_valid_vapid(encoding: str) -> None:
     else:
         assert request.headers["Authorization"].startswith("WebPush ")
         assert request.headers["Crypto-Key"].endswith(";p256ecdsa=" + vapid.public_key)
+
+
+def test_post_never_sends_netrc_credentials(tmp_path: Path,
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """A push carries its own Authorization header, never credentials from the operator's
+    netrc (whose default entry would match any client-chosen endpoint host)."""
+    import http.server
+    import threading
+
+    seen: list[str | None] = []
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            self.rfile.read(int(self.headers["Content-Length"]))
+            seen.append(self.headers.get("Authorization"))
+            self.send_response(201)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    netrc = tmp_path / "netrc"
+    netrc.write_text("default login operator password secret\n")
+    netrc.chmod(0o600)
+    monkeypatch.setenv("NETRC", str(netrc))
+    server = http.server.HTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        url = f"http://127.0.0.1:{server.server_port}/p"
+        request = push.PushRequest(url, {"TTL": "60", "Authorization": "vapid t=x, k=y"}, b"x")
+        assert push.post(request, 5) == 201
+        assert push.post(push.PushRequest(url, {"TTL": "60"}, b"x"), 5) == 201
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert seen == ["vapid t=x, k=y", None]
+
+
+@pytest.mark.parametrize("tls", [False, True], ids=["http", "https"])
+def test_a_trickling_push_service_is_cut_off_at_push_timeout(
+        tls: bool, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """push-timeout bounds a whole push: a push service that answers one byte at a time, each
+    well inside the timeout, is cut off once the timeout has passed in total (also on a TLS
+    connection kept alive from an earlier push)."""
+    import socket
+    import ssl
+    import threading
+    import time
+
+    import requests
+
+    from webpush_stub import make_certificate
+
+    listener = socket.create_server(("127.0.0.1", 0))
+    context = None
+    if tls:
+        ca, cert, key = make_certificate(tmp_path)
+        monkeypatch.setenv("REQUESTS_CA_BUNDLE", str(ca))
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.load_cert_chain(str(cert), str(key))
+    done = threading.Event()
+
+    def serve() -> None:
+        raw, _ = listener.accept()
+        conn = context.wrap_socket(raw, server_side=True) if context else raw
+        with conn:
+            conn.settimeout(5)
+            try:
+                if tls:  # a first push answered at once, its connection kept alive
+                    conn.recv(65536)
+                    conn.sendall(b"HTTP/1.1 201 Created\r\nContent-Length: 0\r\n\r\n")
+                conn.recv(65536)
+                for byte in b"HTTP/1.1 201 Created\r\nX-Slow: " + b"x" * 60:
+                    if done.wait(0.1):
+                        return
+                    conn.sendall(bytes([byte]))
+            except OSError:
+                return
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    url = f"{'https' if tls else 'http'}://127.0.0.1:{listener.getsockname()[1]}/p"
+    try:
+        if tls:
+            assert push.post(push.PushRequest(url, {"TTL": "60"}, b"x"), 5) == 201
+        started = time.monotonic()
+        with pytest.raises(requests.Timeout):
+            push.post(push.PushRequest(url, {"TTL": "60"}, b"x"), 0.6)
+        assert time.monotonic() - started < 2.5
+    finally:
+        done.set()
+        thread.join(5)
+        listener.close()
 
 
 # -- VAPID configuration -------------------------------------------------------------------------
@@ -522,6 +644,64 @@ def test_lookups_waiting_for_the_store_are_bounded() -> None:
     rig.service.connection_request("bob", "late", online=False)
     assert len(held.calls) == MAX_QUEUED
     assert rig.service.outcomes["dropped-queue"] == 3
+
+
+class HeldRunner(ImmediateRunner):
+    """Holds every call until the test runs them all (a busy store thread)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.jobs: list[tuple[Callable[..., Any], tuple[Any, ...], defer.Deferred[Any]]] = []
+
+    def run(self, fn: Callable[..., Any], *args: Any) -> defer.Deferred[Any]:
+        d: defer.Deferred[Any] = defer.Deferred()
+        self.jobs.append((fn, args, d))
+        return d
+
+    def drain(self) -> None:
+        jobs, self.jobs = self.jobs, []
+        for fn, args, d in jobs:
+            d.callback(fn(*args))
+
+
+def test_repeated_subscribes_queue_one_store_write_per_name() -> None:
+    """A flood of subscribe-push from one name queues one store write, which stores the newest."""
+    rig = Rig()
+    held = rig.service.store_runner = HeldRunner()
+    for i in range(500):
+        assert rig.service.subscribe("alice", with_endpoint(f"https://fcm.googleapis.com/{i}"))
+    assert rig.service.subscribe("bob", GOOD)
+    assert len(held.jobs) == 2
+    held.drain()
+    assert json.loads(rig.store.get("alice") or "")["endpoint"] == "https://fcm.googleapis.com/499"
+    assert rig.service.subscribe("alice", GOOD)
+    assert len(held.jobs) == 1
+    held.drain()
+    assert json.loads(rig.store.get("alice") or "") == GOOD
+
+
+def test_a_subscribe_whose_store_job_never_ran_does_not_block_later_ones() -> None:
+    """A store write that failed to run does not keep later subscribes of that name unwritten."""
+    rig = Rig()
+    rig.store_runner.fail = RuntimeError("pool stopped")
+    assert rig.service.subscribe("alice", GOOD)
+    rig.store_runner.fail = None
+    assert rig.service.subscribe("alice", GOOD)
+    assert rig.store.names() == ["alice"]
+
+
+def test_stored_subscriptions_refused_by_current_settings_get_no_push() -> None:
+    """A subscription stored before push-allowed-hosts (or push-allow-private) changed is not
+    posted to once the current settings refuse its endpoint."""
+    loose = Rig(allow_private=True)
+    assert loose.service.subscribe("alice", with_endpoint("http://10.0.0.5/x"))
+    strict = Rig(allowed_hosts=("googleapis.com",))
+    strict.service.store = loose.store
+    strict.service.connection_request("bob", "alice", online=False)
+    assert strict.sender.calls == [] and strict.service.outcomes["refused-stored"] == 1
+    strict.service.subscribe("carol", GOOD)
+    strict.service.connection_request("bob", "carol", online=False)
+    assert len(strict.sender.calls) == 1
 
 
 def test_genkey_runs_as_a_module(tmp_path: Path) -> None:

@@ -373,6 +373,21 @@ def test_try_another_with_only_a_tried_member_replaces_it() -> None:
     assert newcomer.binding.member is joiner
 
 
+def test_tried_members_that_left_are_not_held() -> None:
+    """A joiner retrying while members come and go holds no member that has left, and a member
+    holds none at all."""
+    w = World()
+    first, _ = w.member()
+    joiner_link, joiner = w.connect()
+    for _ in range(50):
+        link, member = w.member()
+        w.core.receive(joiner, msg(tryAnother=True))
+        w.core.leave(member)
+    assert len(joiner.tried) <= 2
+    w.core.receive(joiner, msg(stable=True))
+    assert not joiner.tried
+
+
 def test_try_another_from_a_member_is_ignored() -> None:
     """4: a member has nobody to try: tryAnother from it sends and changes nothing."""
     w = World()

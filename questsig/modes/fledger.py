@@ -369,13 +369,19 @@ class Verification:
         return True
 
 
+def _send_each(peers: list[Peer], payload: bytes) -> None:
+    for peer in peers:
+        peer.send(payload)
+
+
 class Fledger:
     """Registries of every family, shared by all fledger listeners of a process."""
 
     def __init__(self, node_ttl: float = 180.0, expire_action: str = "drop",
                  system_realm: str | None = None, max_list_len: int = 0,
                  announce_broadcast: bool = True, log_ids: bool = False,
-                 random_bytes: Callable[[int], bytes] = os.urandom):
+                 random_bytes: Callable[[int], bytes] = os.urandom,
+                 fanout: Callable[[list[Peer], bytes], None] | None = None):
         self.node_ttl = node_ttl
         self.drop_expired = expire_action == "drop"
         self.system_config = json.dumps({"SystemConfig": {"system_realm": system_realm}},
@@ -384,14 +390,18 @@ class Fledger:
         self.announce_broadcast = announce_broadcast
         self.log_ids = log_ids
         self.random_bytes = random_bytes
+        #: sends one frame to many peers; the adapter frames it once for all of them
+        self.fanout = fanout or _send_each
         self.registries = {family: Registry(family) for family in FAMILIES}
         self.nodes: dict[Node, None] = {}
 
     @classmethod
-    def from_settings(cls, settings: Mapping[str, Any], log_ids: bool = False) -> Fledger:
+    def from_settings(cls, settings: Mapping[str, Any], log_ids: bool = False,
+                      fanout: Callable[[list[Peer], bytes], None] | None = None) -> Fledger:
         return cls(node_ttl=settings["node-ttl"], expire_action=settings["expire-action"],
                    system_realm=settings["system-realm"], max_list_len=settings["max-list-len"],
-                   announce_broadcast=settings["announce-broadcast"], log_ids=log_ids)
+                   announce_broadcast=settings["announce-broadcast"], log_ids=log_ids,
+                   fanout=fanout)
 
     # -- connections -----------------------------------------------------------------------------
 
@@ -508,10 +518,8 @@ class Fledger:
         if job.family == "0.10":
             node.peer.send(self.system_config)
             if self.announce_broadcast:
-                frame = registry.list_frame()
-                for other in list(registry.nodes.values()):
-                    if other is not node:
-                        other.peer.send(frame)
+                self.fanout([other.peer for other in registry.nodes.values()
+                             if other is not node], registry.list_frame())
 
     def _peer_setup(self, node: Node, body: Any) -> None:
         if node.node_id is None or node.family is None or not isinstance(body, dict):

@@ -319,6 +319,10 @@ class Signaling:
     # -- group membership (spec 4) -----------------------------------------------------------
 
     def _bind(self, peer: Peer) -> None:
+        if any(m.gone for m in peer.tried):
+            # members that left are in no group: forgetting them changes no choice, and a
+            # joiner retrying while members come and go would otherwise hold every one of them
+            peer.tried = {m: None for m in peer.tried if not m.gone}
         group = self.groups.get(peer.key)
         if group is None:
             self._add_member(peer)
@@ -352,6 +356,7 @@ class Signaling:
         group = self.groups.setdefault(peer.key, {})
         group[peer] = None
         peer.member = True
+        peer.tried.clear()  # a member is never bound again: nothing left to try
         if self.log_ids:
             log.info("sigver: member {id} joined, {size} in the group",
                      id=peer.routing_id or 0, size=len(group))

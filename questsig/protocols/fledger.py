@@ -10,7 +10,7 @@ from twisted.logger import Logger
 
 from questsig.modes import Context, ModeService, Mount
 from questsig.modes.fledger import MAX_EXPIRY_CHECK, Fledger, Node, Verification
-from questsig.websocket import Connection, WebSocketResource, make_factory
+from questsig.websocket import Connection, WebSocketResource, broadcast, make_factory
 
 log = Logger()
 
@@ -35,7 +35,18 @@ class FledgerConnection(Connection):
         if isBinary or self.node is None:
             return  # binary frames are ignored and are not activity (spec §7, §8)
         self._inbox.append((payload, self.factory.clock.seconds()))
-        self._handle_inbox()
+        self._safely(self._handle_inbox)
+
+    def _safely(self, handle: Any, *args: Any) -> bool:
+        """Run ``handle``; a bug drops only this connection (never with a Close frame, spec §8),
+        where it would otherwise stay unread forever after a failed signature check."""
+        try:
+            handle(*args)
+        except Exception:
+            log.failure("fledger: failed to handle a message")
+            self.abort()
+            return False
+        return True
 
     def _handle_inbox(self) -> None:
         fledger = self.factory.fledger
@@ -57,11 +68,14 @@ class FledgerConnection(Connection):
 
     def _checked(self, valid: bool, job: Verification) -> None:
         self._verifying = False
-        if self.node is not None:
-            self.factory.fledger.verified(job, valid)
-            self._handle_inbox()
+        if self.node is not None and not self._safely(self._verified, job, valid):
+            return
         if not self._verifying:
             self._reading(True)
+
+    def _verified(self, job: Verification, valid: bool) -> None:
+        self.factory.fledger.verified(job, valid)
+        self._handle_inbox()
 
     def _reading(self, on: bool) -> None:
         transport = self.transport
@@ -84,7 +98,8 @@ class FledgerConnection(Connection):
 class FledgerService(ModeService):
     def __init__(self, settings: Mapping[str, Any], context: Context):
         super().__init__(settings, context)
-        self.fledger = Fledger.from_settings(settings, log_ids=context.log_requests)
+        self.fledger = Fledger.from_settings(settings, log_ids=context.log_requests,
+                                             fanout=broadcast)
         timer = TimerService(min(MAX_EXPIRY_CHECK, settings["node-ttl"] / 4), self.expire)
         timer.clock = context.reactor
         timer.setServiceParent(self)

@@ -11,15 +11,9 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
-from twisted.logger import Logger
-
 from questsig.modes import Context, ModeService, Mount
 from questsig.modes.sigver import Heartbeat, Peer, Signaling, key_from_subpath
 from questsig.websocket import Connection, WebSocketResource, make_factory
-
-log = Logger()
-
-INTERNAL_ERROR = 1011
 
 
 class SigverConnection(Connection):
@@ -62,12 +56,7 @@ class SigverConnection(Connection):
         # text frames are not part of the protocol; sigver 18 ignored them
         if not isBinary or self.sigver_peer is None:
             return
-        try:
-            self.factory.signaling.receive(self.sigver_peer, payload)
-        except Exception:
-            # a bug must cost only this connection, never the process or its group
-            log.failure("sigver: failed to handle a message")
-            self.close(INTERNAL_ERROR, "internal error")
+        self.factory.signaling.receive(self.sigver_peer, payload)
 
     def closed(self) -> None:
         if self._release_call is not None and self._release_call.active():
