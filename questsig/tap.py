@@ -1,6 +1,7 @@
 """``twistd questsig``: command-line options and the composition of the service tree."""
 from __future__ import annotations
 
+import re
 import resource as rlimit
 from typing import Any
 
@@ -99,13 +100,43 @@ def parse_endpoints(cfg: Config, reactor: Any = None) -> list[Any]:
     parsed = []
     for listener in cfg.listeners:
         try:
-            parsed.append(endpoints.serverFromString(reactor, listener.endpoint))
+            parsed.append(with_full_chain(endpoints.serverFromString(reactor, listener.endpoint),
+                                          listener.endpoint))
         except IndexError:
             raise ConfigError(f"bad endpoint {listener.endpoint!r}: no such socket was passed "
                               "by systemd (LISTEN_FDS)") from None
         except (ValueError, TypeError, KeyError) as e:
             raise ConfigError(f"bad endpoint {listener.endpoint!r}: {e}") from None
     return parsed
+
+
+_PEM_CERTIFICATE = re.compile(
+    rb"-----BEGIN CERTIFICATE-----\r?\n.+?\r?\n-----END CERTIFICATE-----", re.DOTALL)
+
+
+def with_full_chain(endpoint: Any, description: str) -> Any:
+    """Let an ``ssl:`` certKey file hold the whole chain, leaf first (a "fullchain.pem" as ACME
+    clients write it). Twisted serves only that file's first certificate unless
+    ``extraCertChain`` names a chain file; without one, the rest of the file is the chain."""
+    from twisted.internet.endpoints import _parse
+    from twisted.internet.ssl import Certificate
+
+    try:
+        args, kwargs = _parse(description)
+    except Exception:
+        return endpoint
+    options = getattr(endpoint, "_sslContextFactory", None)
+    if not args or args[0] != "ssl" or "extraCertChain" in kwargs or options is None:
+        return endpoint
+    cert_file = kwargs.get("certKey") or kwargs.get("privateKey") or "server.pem"
+    try:
+        with open(cert_file, "rb") as f:
+            pems = _PEM_CERTIFICATE.findall(f.read())
+    except OSError:
+        return endpoint
+    if len(pems) > 1 and not options.extraCertChain:
+        options.extraCertChain = [Certificate.loadPEM(pem).original for pem in pems[1:]]
+    return endpoint
 
 
 class ListenerService(StreamServerEndpointService):

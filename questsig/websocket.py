@@ -17,7 +17,7 @@ A mode's protocol subclasses :class:`Connection`, which is what the mode's core 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
 from autobahn.util import encode_truncate
@@ -108,6 +108,9 @@ class ConnectionSet:
     def __len__(self) -> int:
         return len(self._open)
 
+    def __iter__(self) -> Iterator[Connection]:
+        return iter(list(self._open))
+
     def add(self, connection: Connection) -> None:
         self._open.add(connection)
 
@@ -172,6 +175,7 @@ class Connection(WebSocketServerProtocol):
     #: set by WebSocketResource before the handshake is replayed
     request: RequestInfo | None = None
     _buffer_watch: _SendBufferWatch | None = None
+    _detached = False
 
     def connectionMade(self) -> None:
         self.log = _AUTOBAHN_LOG_VERBOSE if self.factory.connections.log_requests else _AUTOBAHN_LOG
@@ -188,11 +192,34 @@ class Connection(WebSocketServerProtocol):
 
     def onOpen(self) -> None:
         self.factory.connections.add(self)
+        if self.factory.connections.shutting_down:
+            # a handshake that completed after shutdown closed every socket
+            self.close(GOING_AWAY, "server shutting down")
+            return
         self.opened()
 
     def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
         self.factory.connections.discard(self)
-        self.closed()
+        self._detach()
+
+    def sendCloseFrame(self, code: int | None = None, reasonUtf8: bytes | None = None,
+                       isReply: bool = False) -> None:
+        # Every way a connection starts to close passes here: close(), Autobahn failing the
+        # connection (1002/1007/1009) and the reply to a client's Close. It leaves its mode now,
+        # not a round trip later when TCP is gone: what it still sends reaches nobody.
+        super().sendCloseFrame(code, reasonUtf8, isReply)
+        self._detach()
+
+    def dropConnection(self, abort: bool = False) -> None:
+        # ping and close-handshake timeouts drop TCP without a Close; connectionLost comes only
+        # on a later reactor turn
+        super().dropConnection(abort)
+        self._detach()
+
+    def _detach(self) -> None:
+        if not self._detached:
+            self._detached = True
+            self.closed()
 
     def onCloseFrame(self, code: int | None, reasonRaw: bytes | None) -> bool | None:
         # Autobahn answers an invalid Close with 1002/1007 but then takes that Close for the
@@ -221,7 +248,8 @@ class Connection(WebSocketServerProtocol):
         """The handshake is complete: attach to the core."""
 
     def closed(self) -> None:
-        """The connection is gone (whatever the cause): detach from the core."""
+        """Called once when the connection starts to close or is gone, whatever the cause
+        (also for one that never finished its handshake): detach from the core."""
 
     # -- the peer interface cores use ---------------------------------------------------------
 
@@ -229,18 +257,23 @@ class Connection(WebSocketServerProtocol):
     def open_now(self) -> bool:
         return self.state == WebSocketProtocol.STATE_OPEN
 
-    def send(self, payload: bytes, binary: bool = False) -> None:
-        """Send one message; a receiver that lets too much pile up unsent is disconnected."""
-        if self.state != WebSocketProtocol.STATE_OPEN:
-            return
+    def _over_send_limit(self, size: int) -> bool:
+        """Count ``size`` more bytes written while the transport's buffer is full; past
+        ``max_send_buffer`` the receiver is too slow to keep (send_buffer_overflow)."""
         watch = self._buffer_watch
         if watch is not None and watch.paused:
-            watch.unsent += len(payload)
+            watch.unsent += size
             if watch.unsent > self.factory.max_send_buffer:
                 log.info("disconnecting a receiver with more than {limit} bytes unsent",
                          limit=self.factory.max_send_buffer)
                 self.send_buffer_overflow()
-                return
+                return True
+        return False
+
+    def send(self, payload: bytes, binary: bool = False) -> None:
+        """Send one message; a receiver that lets too much pile up unsent is disconnected."""
+        if self.state != WebSocketProtocol.STATE_OPEN or self._over_send_limit(len(payload)):
+            return
         # Autobahn applies maxMessagePayloadSize to what it sends, too; that limit is for what
         # clients send us, and a server-made frame (an error quoting the client's text) may
         # legitimately be a little longer.
@@ -252,15 +285,14 @@ class Connection(WebSocketServerProtocol):
 
     def send_prepared(self, prepared: Any, size: int) -> None:
         """Like :meth:`send`, for a frame built once with ``factory.prepareMessage``."""
-        if self.state != WebSocketProtocol.STATE_OPEN:
+        if self.state != WebSocketProtocol.STATE_OPEN or self._over_send_limit(size):
             return
-        watch = self._buffer_watch
-        if watch is not None and watch.paused:
-            watch.unsent += size
-            if watch.unsent > self.factory.max_send_buffer:
-                self.send_buffer_overflow()
-                return
         self.sendPreparedMessage(prepared)
+
+    def sendPong(self, payload: bytes | None = None) -> None:
+        # a client that sends Pings and never reads would otherwise pile up Pongs unbounded
+        if not self._over_send_limit(2 + len(payload or b"")):
+            super().sendPong(payload)
 
     def send_buffer_overflow(self) -> None:
         """The receiver let more than ``max_send_buffer`` bytes pile up unsent; modes whose

@@ -249,6 +249,25 @@ async def test_tcp_drop_requeues_partner(relay, connect) -> None:
     await expect(b, CLOSE, WAITING)
 
 
+async def test_dropped_connection_leaves_at_once(relay, connect) -> None:
+    """§5.3: a connection the server drops leaves at once; its peer's next text gets 0001."""
+    server = relay()
+    a, b = await pair(connect, server)
+    state = relay_state(server)
+
+    a_address = "%s:%d" % a.local_address[:2]
+
+    def drop_a_then_b_speaks() -> None:
+        client_a = next(c for c in state.clients if c.peer.request.client == a_address)
+        client_b = client_a.partner
+        client_a.peer.dropConnection(abort=True)  # what a ping timeout does
+        state.receive(client_b, b"anyone?", False)
+
+    server.call(drop_a_then_b_speaks)
+    await expect(b, CLOSE, WAITING, NOT_RECEIVED + "anyone?")
+    assert (await closed_with(a))[0] in (None, 1006)
+
+
 async def test_waiter_leaving_tells_nobody(relay, connect) -> None:
     """13: a waiter's disconnect sends nothing to anyone; the next joiner waits."""
     server = relay()
@@ -708,6 +727,22 @@ async def test_shutdown_closes_1001(relay, connect) -> None:
             await recv(ws)  # anything but the Close, /remote:close included, fails here
         assert (closed.value.rcvd.code, closed.value.rcvd.reason) == (
             1001, "server shutting down")
+
+
+async def test_upgrade_after_shutdown_began_closes_1001(relay) -> None:
+    """37: a WebSocket opened once shutdown has begun gets Close 1001 and joins no id."""
+    server = relay()
+    reader, writer = await asyncio.open_connection("127.0.0.1", server.port())
+    try:
+        await server.astop()
+        writer.write(handshake(b"/room"))
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+        assert head.startswith(b"HTTP/1.1 101 ")
+        fin, opcode, payload = await read_frame(reader)
+        assert (opcode, payload) == (8, (1001).to_bytes(2, "big") + b"server shutting down")
+    finally:
+        writer.close()
+    assert server.call(lambda: len(relay_state(server).clients)) == 0
 
 
 # -- 38: stress ----------------------------------------------------------------------------------------

@@ -375,7 +375,9 @@ async def test_unknown_id_and_wrong_key(serve: Any) -> None:
 async def test_bad_ids_are_unknown_and_harmless(serve: Any) -> None:
     """Odd or huge ids get 404 on /connect and /remove; others keep working."""
     server = router(serve)
-    reg = await register(server, reg_type="lobby")
+    # letters in the id, so that its upper-case form is another id (a generated id may be
+    # all digits)
+    reg = await register(server, reg_type="lobby", id_req="lobby0a1")
     async with sockets(server, f"id={reg}&key=k", f"id={reg}&key=k") as (a, b):
         for bad in ("%FF%FE", "%zz", "%00%01", "x" * 4000, f"{reg}%20", reg.upper(), ""):
             connect_answer = await http(server, f"/connect?id={bad}&key=k", headers=UPGRADE)
@@ -441,6 +443,14 @@ async def test_host_client_routing(serve: Any) -> None:
         assert await recv(c1) == '{"type":"answer"}'
         assert await recv(c2) == '{"type":"answer"}'
         await nothing_reaches(h1, h2)
+
+
+async def test_relay_frames_once_for_every_receiver(serve: Any) -> None:
+    """The server's routers relay through the shared broadcast, which frames a message once."""
+    from questsig.websocket import broadcast
+    server = router(serve)
+    routers = [r for r, _ in server.mode("router").routers.values()]
+    assert routers and all(r.fanout is broadcast for r in routers)
 
 
 async def test_binary_and_fragmented(serve: Any) -> None:
@@ -670,6 +680,35 @@ async def test_shutdown_closes_with_1001(serve: Any) -> None:
     assert await connect_status(again, reg) == 101
 
 
+async def test_upgrade_after_shutdown_began_closes_1001(serve: Any) -> None:
+    """A /connect upgraded once shutdown has begun gets Close 1001 and joins nothing."""
+    server = router(serve)
+    reg = await register(server, reg_type="lobby")
+    reader, writer = await asyncio.open_connection("127.0.0.1", server.port())
+    try:
+        # the state between closing every socket and stopping the key threads
+        server.call(setattr, server.service.connections, "shutting_down", True)
+        request = f"GET /connect?id={reg}&key=k HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+        request += "".join(f"{name}: {value}\r\n" for name, value in UPGRADE.items())
+        writer.write(request.encode() + b"\r\n")
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), TIMEOUT)
+        assert head.startswith(b"HTTP/1.1 101 ")
+        first = await asyncio.wait_for(reader.readexactly(2), TIMEOUT)
+        payload = await asyncio.wait_for(reader.readexactly(first[1] & 0x7F), TIMEOUT)
+        assert (first[0] & 0x0F, payload) == (0x8, (1001).to_bytes(2, "big")
+                                              + b"server shutting down")
+    finally:
+        writer.close()
+    core = [r for r, _ in server.mode("router").routers.values()][0]
+
+    async def released() -> bool:
+        # the admission is given back without arming a timer that would outlive the stop
+        return server.call(lambda: (len(core.registrations[reg].members),
+                                    core.registrations[reg].arriving,
+                                    core.registrations[reg].expiry)) == (0, 0, None)
+    await until(released)
+
+
 # -- /stats ----------------------------------------------------------------------------------------
 
 
@@ -823,6 +862,29 @@ async def test_slow_receiver_gets_1008(serve: Any) -> None:
             assert await recv(fast) == "after"
     finally:
         slow.close()
+
+
+async def test_socket_being_closed_is_removed_at_once(serve: Any) -> None:
+    """§9: a socket the server starts to close is removed at once; what it sends is dropped."""
+    server = router(serve, stats_token="t")
+    reg = await register(server, reg_type="lobby")
+    raw = await raw_socket(server, f"id={reg}&key=k")
+    raw_address = "%s:%d" % raw.writer.get_extra_info("sockname")[:2]
+    core = [r for r, _ in server.mode("router").routers.values()][0]
+    try:
+        async with connect(server, f"id={reg}&key=k") as other:
+            def overflow() -> None:
+                for member in list(core.registrations[reg].members):
+                    if member.socket.request.client == raw_address:
+                        member.socket.send_buffer_overflow()
+            server.call(overflow)
+            assert await raw.read_frame() == (0x8, (1008).to_bytes(2, "big")
+                                                + b"send buffer overflow")
+            assert server.call(lambda: len(core.registrations[reg].members)) == 1
+            await raw.send_frame(0x1, b"after the close")
+            await nothing_reaches(other)
+    finally:
+        raw.close()
 
 
 async def test_max_registrations(serve: Any, tmp_path: Path) -> None:

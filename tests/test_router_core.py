@@ -196,6 +196,62 @@ def test_reregistration_with_other_type_or_keys_is_not_the_owner() -> None:
     assert store.rows[reg].key_salt == salt and store.rows[reg].reg_type == "hostclient"
 
 
+class SlowUpdateStore(MemoryRegistrations):
+    """A store whose updates wait until the test fires them."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.pending: list[defer.Deferred[None]] = []
+
+    def update(self, reg_id: str, key_salt: bytes, **changes: Any) -> defer.Deferred[None]:
+        super().update(reg_id, key_salt, **changes)
+        d: defer.Deferred[None] = defer.Deferred()
+        self.pending.append(d)
+        return d
+
+
+def test_reregistration_cancels_the_grace_before_its_write() -> None:
+    """A grace ending while a re-registration is written does not remove the answered id."""
+    store, clock = SlowUpdateStore(), Clock()
+    router = Router(RouterRules(auto_remove_grace=10), store, clock)
+    reg = register(router, id_req="myhost01")
+    member, _ = join(router, reg)
+    store.pending.pop().callback(None)  # marking it used
+    router.leave(member)
+    clock.advance(9)
+    renewing = router.register("k", "h", "hostclient", "myhost01")
+    clock.advance(2)  # past the grace, while the write is pending
+    store.pending.pop().callback(None)
+    assert result(renewing) == reg
+    assert reg in router.registrations and reg in store.rows
+
+
+def test_reregistration_racing_a_removal_registers_again() -> None:
+    """A registration removed while its re-registration is written is registered anew."""
+    store, clock = SlowUpdateStore(), Clock()
+    router = Router(RouterRules(), store, clock)
+    reg = register(router, id_req="myhost01")
+    renewing = router.register("k", "h", "hostclient", "myhost01")
+    result(router.remove(reg, "k", "h"))
+    store.pending.pop().callback(None)
+    assert result(renewing) == reg
+    registration = router.registrations[reg]
+    assert store.rows[reg].key_salt == registration.record.key_salt
+    assert registration.expiry is not None  # the unused TTL guards the new one
+
+
+def test_failed_reregistration_keeps_the_pending_removal() -> None:
+    """A re-registration whose write fails (StorageError) leaves the auto-removal armed."""
+    router, store, clock = make_router(auto_remove_grace=10)
+    reg = register(router, id_req="myhost01")
+    member, _ = join(router, reg)
+    router.leave(member)
+    store.update = lambda *a, **k: defer.fail(sqlite3.OperationalError("disk full"))  # type: ignore
+    assert error_name(router.register("k", "h", "hostclient", "myhost01")) == "StorageError"
+    clock.advance(10)
+    assert reg not in router.registrations
+
+
 def test_max_registrations() -> None:
     """Registrations stop at max_registrations; removing one makes room."""
     router, _, _ = make_router(max_registrations=3)
@@ -340,6 +396,18 @@ def test_host_client_relay() -> None:
     router.relay(h1, b"answer", False)
     assert sc1.received == sc2.received == [(b"answer", False)]
     assert sh2.received == [(b"offer", False)]
+
+
+def test_relay_hands_all_recipients_to_one_fanout() -> None:
+    """A message goes to its recipients in one fanout call, so the adapter frames it once."""
+    calls: list[tuple[list[Any], bytes, bool]] = []
+    router = Router(RouterRules(), MemoryRegistrations(), Clock(),
+                    fanout=lambda sockets, payload, binary: calls.append(
+                        (list(sockets), payload, binary)))
+    reg = register(router, reg_type="lobby")
+    (a, _), (_, sb), (_, sc) = (join(router, reg, None) for _ in range(3))
+    router.relay(a, b"\x00big", True)
+    assert calls == [([sb, sc], b"\x00big", True)]
 
 
 def test_no_recipient_is_dropped() -> None:
@@ -596,8 +664,11 @@ def test_threaded_store_serialises_writes(tmp_path: Path) -> None:
             lambda ok, reg_id=reg_id: (outcomes.append((reg_id, ok)),
                                        threads.add(threading.current_thread().name)))
     done = threading.Event()
-    store.close().addCallback(lambda _: done.set())
+    store._call(store.file.close).addCallback(lambda _: done.set())  # queued after the writes
     assert done.wait(10)
+    # Workers.stop joins through the reactor's own pool, which nothing runs in this unit test:
+    # stop the store's thread here, or the process never exits when this file runs alone
+    store._thread.pool.stop()
     assert len(outcomes) == 100 and len(threads) == 1
     assert [ok for reg_id, ok in outcomes if reg_id == "same0001"] == [True] + [False] * 9
     check = SqliteFile(tmp_path / "r.sqlite3")

@@ -41,3 +41,17 @@ async def test_tls_without_chain_is_not_trusted(serve, tmp_path) -> None:
             raise AssertionError("connected without the intermediate")
     except ssl.SSLCertVerificationError:
         pass
+
+
+async def test_full_chain_in_cert_file(serve, tmp_path) -> None:
+    """A certKey file that holds the leaf followed by the intermediate (a "fullchain.pem")
+    serves the whole chain without extraCertChain."""
+    pki = make_pki(tmp_path)
+    fullchain = tmp_path / "fullchain.pem"
+    fullchain.write_bytes(pki.cert.read_bytes() + pki.chain.read_bytes())
+    endpoint = f"ssl:0:interface=127.0.0.1:privateKey={pki.key}:certKey={fullchain}"
+    server = serve(mounts=["/=hub"], endpoints=[endpoint])
+    async with websockets.connect(f"wss://localhost:{server.port()}/?user=a",
+                                  ssl=client_context(pki.ca)) as a:
+        await a.send('{"protocol":"one-to-self","tls":"fullchain"}')
+        assert await recv(a) == '{"protocol":"one-to-self","tls":"fullchain"}'

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import websockets
 
-from clients import closed_with, echo_round_trip
+from clients import RawWebSocket, closed_with, echo_round_trip
 
 
 async def test_a_failing_handler_closes_only_its_connection(serve) -> None:
@@ -25,3 +25,35 @@ async def test_a_failing_handler_closes_only_its_connection(serve) -> None:
         code, reason = await closed_with(victim)
         assert (code, reason) == (1011, "internal error")
         await echo_round_trip(other)
+
+
+async def test_pongs_count_towards_the_send_buffer(serve) -> None:
+    """A client that sends Pings and never reads is dropped once its unsent Pongs pass
+    max_send_buffer, like any other slow receiver; its pair-relay slot is freed."""
+    server = serve(mounts=["/=pair-relay"], sets=["pair-relay.max_send_buffer=65536"])
+    relay = server.mode("pair-relay").relay("/")
+    raw = await RawWebSocket.connect(server.port(), b"/room", rcvbuf=4096)
+    ping = bytes(125)
+    dropped = False
+    for _ in range(400):  # at most 400 x 500 Pings of 131 bytes: 26 MB, far past any buffer
+        for _ in range(500):
+            try:
+                await raw.send_frame(0x9, ping)
+            except ConnectionError:
+                break
+        if not server.call(lambda: bool(relay.clients)):
+            dropped = True
+            break
+    raw.close()
+    assert dropped
+
+
+async def test_upgrade_completed_during_shutdown_gets_1001(serve) -> None:
+    """A WebSocket whose handshake completes after shutdown began is closed with 1001 at once
+    and never joins its mode."""
+    server = serve(mounts=["/=hub"])
+    hub = server.mode("hub").hub
+    server.call(setattr, server.service.connections, "shutting_down", True)
+    async with websockets.connect(server.url("/?user=late")) as late:
+        assert (await closed_with(late))[0] == 1001
+    assert not server.call(lambda: "late" in hub.names)

@@ -307,16 +307,24 @@ def valid_id_req(id_req: str, rules: RouterRules) -> bool:
 MAX_ID_ATTEMPTS = 16
 
 
+def _send_each(sockets: list[Socket], payload: bytes, binary: bool) -> None:
+    for socket in sockets:
+        socket.send(payload, binary)
+
+
 class Router:
     """The registrations of one store, their sockets, and the relay between them."""
 
     def __init__(self, rules: RouterRules, store: RegistrationStore, clock: Clock,
-                 keys: KeyHashing | None = None, log_ids: bool = False):
+                 keys: KeyHashing | None = None, log_ids: bool = False,
+                 fanout: Callable[[list[Socket], bytes, bool], None] | None = None):
         self.rules = rules
         self.store = store
         self.clock = clock
         self.keys = keys or KeyHashing()
         self.log_ids = log_ids
+        #: sends one message to many sockets (the adapter frames it once for all)
+        self.fanout = fanout or _send_each
         self.registrations: dict[str, Registration] = {}
         #: ids chosen by registrations that are still being hashed and written
         self.reserved: set[str] = set()
@@ -364,6 +372,8 @@ class Router:
                         continue  # removed while we hashed: choose again
                     if same:
                         yield self._renew(existing)
+                        if self.registrations.get(id_req) is not existing:
+                            continue  # removed while its renewal was written: choose again
                         return id_req
                 taken = (existing is not None or id_req in self.reserved
                          or id_req in stored_elsewhere)
@@ -417,12 +427,18 @@ class Router:
         """Idempotent re-registration (spec §7.2): keep the sockets, cancel a pending
         auto-removal, restart the unused-TTL clock."""
         now = self.clock.seconds()
+        # cancelled before the write: a grace ending meanwhile would remove the id we answer with
+        self._disarm(registration)
         try:
             yield self.store.update(registration.id, registration.record.key_salt,
                                     registered_at=now)
         except Exception:
             log.failure("router: storing a re-registration failed")
+            if self.registrations.get(registration.id) is registration:
+                self._arm_expiry(registration)
             raise RouterError("StorageError") from None
+        if self.registrations.get(registration.id) is not registration:
+            return  # removed meanwhile: the caller registers the id anew
         registration.record = replace(registration.record, registered_at=now)
         self._disarm(registration)
         if not registration.members and not registration.arriving:
@@ -512,10 +528,12 @@ class Router:
                                                connected=True), "marking a registration used")
         return member
 
-    def abandon(self, registration: Registration) -> None:
-        """An admitted socket went away before its handshake finished."""
+    def abandon(self, registration: Registration, shutting_down: bool = False) -> None:
+        """An admitted socket went away before its handshake finished (or was refused by
+        shutdown, which arms no timer)."""
         registration.arriving -= 1
-        self._arm_expiry(registration)
+        if not shutting_down:
+            self._arm_expiry(registration)
 
     def leave(self, member: Member, shutting_down: bool = False) -> None:
         """A socket is gone (Close, TCP loss, any error). At shutdown the registration keeps
@@ -534,9 +552,10 @@ class Router:
         if registration is None:
             return  # removed: frames still arriving are dropped
         wanted = {MEMBER: MEMBER, HOST: CLIENT, CLIENT: HOST}[member.role]
-        for other in list(registration.members):
-            if other is not member and other.role == wanted:
-                other.socket.send(payload, binary)
+        recipients = [other.socket for other in registration.members
+                      if other is not member and other.role == wanted]
+        if recipients:
+            self.fanout(recipients, payload, binary)
 
     # -- timers (spec §7.4, §7.5) -------------------------------------------------------------
 

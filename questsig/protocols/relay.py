@@ -10,8 +10,8 @@ from typing import Any, Mapping
 
 from questsig.modes import Context, ModeService, Mount
 from questsig.modes.relay import PairRelay, RelayClient, room_id
-from questsig.websocket import (POLICY_VIOLATION, Connection, WebSocketResource, is_upgrade,
-                                make_factory)
+from questsig.websocket import (POLICY_VIOLATION, Connection, WebSocketResource,
+                                is_upgrade, make_factory)
 
 #: spec §6: a peer silent after our Close is dropped after this long
 CLOSE_HANDSHAKE_TIMEOUT = 1.0
@@ -37,24 +37,13 @@ class RelayConnection(Connection):
         if self.client is not None:
             self.factory.relay.receive(self.client, payload, isBinary)
 
-    def sendCloseFrame(self, code: int | None = None, reasonUtf8: bytes | None = None,
-                       isReply: bool = False) -> None:
-        # Every way a connection starts to close passes here: our close(), Autobahn failing
-        # the connection (1002/1007/1009) and the reply to a client's Close. The leave must
-        # happen now (spec §5.3), not when TCP is finally gone a round trip later.
-        super().sendCloseFrame(code, reasonUtf8, isReply)
-        self._leave()
-
     def closed(self) -> None:
-        self._leave()
-
-    def send_buffer_overflow(self) -> None:
-        self.close(POLICY_VIOLATION, "send buffer overflow")
-
-    def _leave(self) -> None:
         client, self.client = self.client, None
         if client is not None:
             self.factory.relay.leave(client, quietly=self.factory.connections.shutting_down)
+
+    def send_buffer_overflow(self) -> None:
+        self.close(POLICY_VIOLATION, "send buffer overflow")
 
 
 class RelayService(ModeService):

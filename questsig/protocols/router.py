@@ -28,7 +28,7 @@ from questsig.modes.router import (
     RouterError, RouterRules, UnknownRegistration, parse_query, route_parameters,
 )
 from questsig.modes.router_store import MemoryRegistrations, SqliteRegistrations, StoreError
-from questsig.websocket import Connection, WebSocketResource, make_factory
+from questsig.websocket import Connection, WebSocketResource, broadcast, make_factory
 from questsig.workers import Workers
 
 log = Logger()
@@ -70,13 +70,13 @@ class RouterConnection(Connection):
             self.factory.router.relay(self.member, payload, isBinary)
 
     def closed(self) -> None:
-        if self.member is not None:
-            self.factory.router.leave(self.member,
-                                      shutting_down=self.factory.connections.shutting_down)
-            self.member = None
-        elif self.admission is not None:
-            self.factory.router.abandon(self.admission[0])
-            self.admission = None
+        shutting_down = self.factory.connections.shutting_down
+        member, self.member = self.member, None
+        admission, self.admission = self.admission, None
+        if member is not None:
+            self.factory.router.leave(member, shutting_down=shutting_down)
+        elif admission is not None:
+            self.factory.router.abandon(admission[0], shutting_down=shutting_down)
 
     def send_buffer_overflow(self) -> None:
         log.info("router: closing a receiver that let too much pile up unsent")
@@ -300,7 +300,7 @@ class RouterService(ModeService):
         else:
             store = MemoryRegistrations()
         router = Router(rules, store, self.context.reactor, self.keys,
-                        log_ids=self.context.log_requests)
+                        log_ids=self.context.log_requests, fanout=broadcast)
         self.routers[where] = (router, store)
         return router
 
