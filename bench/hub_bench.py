@@ -45,34 +45,42 @@ def rss_kib(pid: int) -> int:
     return 0
 
 
+async def stream(tx, rx, frames: list, label: str) -> None:
+    """Send every frame from tx as fast as it goes; time until rx has them all."""
+    start = time.perf_counter()
+
+    async def sender() -> None:
+        for frame in frames:
+            await tx.send(frame)
+
+    task = asyncio.ensure_future(sender())
+    for _ in frames:
+        await rx.recv()
+    elapsed = time.perf_counter() - start
+    await task
+    print(f"{label}: {len(frames) / elapsed:,.0f} msg/s ({len(frames)} in {elapsed:.2f} s)")
+
+
+async def round_trips(tx, rx, frame, label: str, n: int = 1000) -> None:
+    """Send one frame at a time from tx and wait for it at rx; latency percentiles."""
+    times = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        await tx.send(frame)
+        await rx.recv()
+        times.append((time.perf_counter() - t0) * 1000)
+    times.sort()
+    print(f"{label} latency: p50 {statistics.median(times):.3f} ms, "
+          f"p99 {times[int(n * 0.99)]:.3f} ms")
+
+
 async def one_to_one(port: int, count: int) -> None:
     url = f"ws://127.0.0.1:{port}"
     async with websockets.connect(url + "/?user=rx", max_queue=None) as rx, \
             websockets.connect(url + "/?user=tx") as tx:
         body = '{"protocol":"one-to-one","endpoint":"rx","data":"%s"}' % ("x" * 150)
-        start = time.perf_counter()
-
-        async def sender() -> None:
-            for _ in range(count):
-                await tx.send(body)
-
-        send_task = asyncio.ensure_future(sender())
-        for _ in range(count):
-            await rx.recv()
-        elapsed = time.perf_counter() - start
-        await send_task
-        print(f"one-to-one throughput: {count / elapsed:,.0f} msg/s "
-              f"({count} x {len(body)} B in {elapsed:.2f} s)")
-
-        latencies = []
-        for i in range(1000):
-            t0 = time.perf_counter()
-            await tx.send(body)
-            await rx.recv()
-            latencies.append((time.perf_counter() - t0) * 1000)
-        latencies.sort()
-        print(f"one-to-one round trip latency: p50 {statistics.median(latencies):.3f} ms, "
-              f"p99 {latencies[int(len(latencies) * 0.99)]:.3f} ms")
+        await stream(tx, rx, [body] * count, f"one-to-one ({len(body)} B)")
+        await round_trips(tx, rx, body, "one-to-one one-way")
 
 
 async def fanout(port: int, n: int) -> None:

@@ -20,37 +20,9 @@ from pathlib import Path
 import websockets
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from hub_bench import start_server  # noqa: E402  the one way the benchmarks start questsig
+from hub_bench import round_trips, start_server, stream  # noqa: E402  shared with the hub's
 
 from questsig.modes.sigver import content_frame, decode  # noqa: E402
-
-
-async def stream(tx, rx, frames: list, label: str) -> None:
-    """Send every frame from tx as fast as it goes; time until rx has them all."""
-    start = time.perf_counter()
-
-    async def sender() -> None:
-        for frame in frames:
-            await tx.send(frame)
-
-    task = asyncio.ensure_future(sender())
-    for _ in frames:
-        await rx.recv()
-    elapsed = time.perf_counter() - start
-    await task
-    print(f"{label}: {len(frames) / elapsed:,.0f} msg/s ({len(frames)} in {elapsed:.2f} s)")
-
-
-async def round_trips(tx, rx, frame, label: str, n: int = 1000) -> None:
-    times = []
-    for _ in range(n):
-        t0 = time.perf_counter()
-        await tx.send(frame)
-        await rx.recv()
-        times.append((time.perf_counter() - t0) * 1000)
-    times.sort()
-    print(f"{label} latency: p50 {statistics.median(times):.3f} ms, "
-          f"p99 {times[int(n * 0.99)]:.3f} ms")
 
 
 async def pair_relay(port: int, count: int) -> None:

@@ -17,7 +17,7 @@ A mode's protocol subclasses :class:`Connection`, which is what the mode's core 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Mapping
 
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
 from autobahn.util import encode_truncate
@@ -30,7 +30,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 from zope.interface import implementer
 
-from questsig.modes import Mount
+from questsig.modes import Mount, normalise_key
 
 log = Logger()
 
@@ -360,6 +360,19 @@ def close_frame_fault(code: int | None, reason: bytes | None) -> tuple[int, str]
         except UnicodeDecodeError:
             return INVALID_PAYLOAD, "invalid close reason"
     return None
+
+
+#: mount settings that are WebSocket limits, named as make_factory's keyword arguments
+_LIMITS = ("max_message_size", "ping_interval", "ping_timeout", "open_handshake_timeout",
+           "max_send_buffer")
+
+
+def limits(settings: Mapping[str, Any]) -> dict[str, Any]:
+    """The WebSocket limits among a mount's settings (each spec spells them with ``-`` or
+    ``_``), as keyword arguments for :func:`make_factory`."""
+    by_key = {normalise_key(key): value for key, value in settings.items()}
+    return {name: by_key[normalise_key(name)] for name in _LIMITS
+            if normalise_key(name) in by_key}
 
 
 def make_factory(protocol: type[Connection], connections: ConnectionSet, *,

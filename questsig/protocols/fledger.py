@@ -10,7 +10,7 @@ from twisted.logger import Logger
 
 from questsig.modes import Context, ModeService, Mount
 from questsig.modes.fledger import MAX_EXPIRY_CHECK, Fledger, Node, Verification
-from questsig.websocket import Connection, WebSocketResource, broadcast, make_factory
+from questsig.websocket import Connection, WebSocketResource, broadcast, limits, make_factory
 
 log = Logger()
 
@@ -115,7 +115,5 @@ class FledgerService(ModeService):
         s = mount.settings
         factory = make_factory(
             FledgerConnection, self.context.connections,
-            max_message_size=s["max-message-size"],
-            ping_interval=s["ping-interval"], ping_timeout=s["ping-timeout"],
-            fledger=self.fledger, dialect=s["dialect"], clock=self.context.reactor)
+            **limits(s), fledger=self.fledger, dialect=s["dialect"], clock=self.context.reactor)
         return WebSocketResource(factory, mount)

@@ -7,7 +7,7 @@ from twisted.logger import Logger
 
 from questsig.modes import Context, ModeService, Mount
 from questsig.modes.hub import Client, Hub, HubListener
-from questsig.websocket import Connection, WebSocketResource, broadcast, make_factory
+from questsig.websocket import Connection, WebSocketResource, broadcast, limits, make_factory
 
 log = Logger()
 
@@ -49,9 +49,7 @@ class HubService(ModeService):
         s = mount.settings
         factory = make_factory(
             HubConnection, self.context.connections,
-            max_message_size=s["max-message-size"],
-            ping_interval=s["ping-interval"], ping_timeout=s["ping-timeout"],
-            hub=self.hub, listener=HubListener.from_settings(s))
+            **limits(s), hub=self.hub, listener=HubListener.from_settings(s))
         return WebSocketResource(factory, mount, admit=self._admit)
 
     def _admit(self, request: Any) -> tuple[int, bytes] | None:

@@ -11,7 +11,7 @@ from typing import Any, Mapping
 from questsig.modes import Context, ModeService, Mount
 from questsig.modes.relay import PairRelay, RelayClient, room_id
 from questsig.websocket import (POLICY_VIOLATION, Connection, WebSocketResource,
-                                is_upgrade, make_factory)
+                                is_upgrade, limits, make_factory)
 
 #: spec §6: a peer silent after our Close is dropped after this long
 CLOSE_HANDSHAKE_TIMEOUT = 1.0
@@ -66,11 +66,7 @@ class RelayService(ModeService):
         self.relays.append((mount, relay))
         factory = make_factory(
             RelayConnection, self.context.connections,
-            max_message_size=s["max_message_size"],
-            ping_interval=s["ping_interval"], ping_timeout=s["ping_timeout"],
-            open_handshake_timeout=s["open_handshake_timeout"],
-            close_handshake_timeout=CLOSE_HANDSHAKE_TIMEOUT,
-            max_send_buffer=s["max_send_buffer"],
+            **limits(s), close_handshake_timeout=CLOSE_HANDSHAKE_TIMEOUT,
             relay=relay, max_id_length=s["max_id_length"])
         max_id_length = s["max_id_length"]
 

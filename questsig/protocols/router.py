@@ -28,7 +28,7 @@ from questsig.modes.router import (
     RouterError, RouterRules, UnknownRegistration, parse_query, route_parameters,
 )
 from questsig.modes.router_store import MemoryRegistrations, SqliteRegistrations, StoreError
-from questsig.websocket import Connection, WebSocketResource, broadcast, make_factory
+from questsig.websocket import Connection, WebSocketResource, broadcast, limits, make_factory
 from questsig.workers import Workers
 
 log = Logger()
@@ -309,11 +309,7 @@ class RouterService(ModeService):
         router = self.router_for(s)
         factory = make_factory(
             RouterConnection, self.context.connections,
-            max_message_size=s["max_message_size"],
-            ping_interval=s["ping_interval"], ping_timeout=s["ping_timeout"],
-            open_handshake_timeout=s["open_handshake_timeout"],
-            max_send_buffer=s["max_send_buffer"],
-            router=router, next_admission=None)
+            **limits(s), router=router, next_admission=None)
         return RouterResource(router, mount, factory)
 
     def startService(self) -> None:

@@ -13,7 +13,7 @@ from typing import Any, Mapping
 
 from questsig.modes import Context, ModeService, Mount
 from questsig.modes.sigver import Heartbeat, Peer, Signaling, key_from_subpath
-from questsig.websocket import Connection, WebSocketResource, make_factory
+from questsig.websocket import Connection, WebSocketResource, limits, make_factory
 
 
 class SigverConnection(Connection):
@@ -78,7 +78,7 @@ class SigverService(ModeService):
         s = mount.settings
         factory = make_factory(
             SigverConnection, self.context.connections,
-            max_message_size=s["max-message-size"],
+            **limits(s),
             # text frames are ignored whatever they hold, so their UTF-8 is nobody's concern
             utf8_validate=False,
             signaling=self.signaling, clock=self.context.reactor,
