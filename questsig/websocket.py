@@ -440,6 +440,15 @@ class WebSocketResource(Resource):
             request.setHeader(b"upgrade", b"websocket")
             request.setHeader(b"content-type", b"text/plain; charset=utf-8")
             return b"This is a WebSocket endpoint.\n"
+        allowed = self.mount.settings.get("origins")
+        if allowed:
+            # Browsers always send Origin: a page from elsewhere cannot use a visitor's browser
+            # to open sockets here. Clients that send none (native apps) are not browsers.
+            origin = request.getHeader(b"origin")
+            if origin is not None and origin.decode("latin-1").lower() not in allowed:
+                request.setResponseCode(403)
+                request.setHeader(b"content-type", b"text/plain; charset=utf-8")
+                return b"Origin not allowed\n"
         if self._admit is not None:
             refusal = self._admit(request)
             if refusal is not None:

@@ -85,3 +85,14 @@ def test_sample_config_parses() -> None:
     sample = Path(__file__).resolve().parent.parent / "etc" / "questsig.toml"
     cfg = config.load(config_file=str(sample))
     assert cfg.listeners
+
+
+def test_origins_setting() -> None:
+    """origins takes a list of scheme://host[:port] and refuses anything else."""
+    cfg = load(sets=['hub.origins=["https://a.example", "http://b.example:8080"]'])
+    assert cfg.listeners[0].mounts[0].settings["origins"] == ("https://a.example",
+                                                               "http://b.example:8080")
+    with pytest.raises(ConfigError, match="not an origin"):
+        load(sets=['hub.origins=["https://a.example/path"]'])
+    with pytest.raises(ConfigError, match="list of origins"):
+        load(sets=['hub.origins="https://a.example"'])

@@ -381,3 +381,17 @@ async def test_client_addresses_not_logged(serve) -> None:
         globalLogPublisher.removeObserver(observe)
     assert events, "the server logged nothing at all"
     assert not [e for e in events if f":{local_port}" in e or "ghost" in e]
+
+
+async def test_origin_allow_list(serve) -> None:
+    """With origins set, a browser from another origin gets 403; listed origins and clients
+    that send no Origin connect."""
+    server = serve(mounts=["/=hub"], sets=['hub.origins=["https://app.example"]'])
+    with pytest.raises(websockets.InvalidStatus) as refused:
+        async with websockets.connect(server.url("/?user=x"), origin="https://evil.example"):
+            pass
+    assert refused.value.response.status_code == 403
+    async with websockets.connect(server.url("/?user=a"), origin="https://APP.example") as a, \
+            websockets.connect(server.url("/?user=b")) as b:
+        await b.send(one_to_one("a"))
+        assert json.loads(await recv(a))["endpoint"] == "a"

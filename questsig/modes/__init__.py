@@ -167,6 +167,17 @@ def optional_text(value: Any) -> str | None:
     return text(value)
 
 
+def origins(value: Any) -> tuple[str, ...]:
+    """Web origins (``scheme://host[:port]``) allowed to open WebSockets; empty = any."""
+    if not isinstance(value, (list, tuple)) or not all(isinstance(o, str) for o in value):
+        raise ValueError('must be a list of origins, e.g. ["https://app.example"]')
+    for origin in value:
+        scheme, sep, rest = origin.partition("://")
+        if not sep or not scheme or not rest or "/" in rest:
+            raise ValueError(f"{origin!r} is not an origin (scheme://host[:port])")
+    return tuple(o.lower() for o in value)
+
+
 def choice(*options: str) -> Callable[[Any], str]:
     def parse(value: Any) -> str:
         if not isinstance(value, str) or value not in options:

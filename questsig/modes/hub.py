@@ -51,6 +51,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("ping-timeout", 30.0, LISTENER, modes.seconds, "seconds to wait for a Pong"),
     Setting("max-message-size", 1048576, LISTENER, modes.positive,
             "bigger messages close with 1009"),
+    Setting("origins", (), LISTENER, modes.origins,
+            "if set, browsers may connect only from these origins (others get 403)"),
     Setting("max-connections", 0, MODE, modes.count, "cap on open hub connections; 0 = unlimited"),
     Setting("push-vapid-key", None, MODE, modes.optional_text,
             "PEM file with the VAPID P-256 private key"),
