@@ -9,10 +9,16 @@ A mode's protocol subclasses :class:`Connection`, which is what the mode's core 
   with ``ConnectionDeny`` or, better, before the upgrade in :meth:`WebSocketResource.admit`.
 * ``sendClose`` only accepts 1000 and 3000-4999; :meth:`Connection.close` sends any code
   (1001, 1002, 1007, 1009, ...) through Autobahn's low-level close frame.
-* Autobahn batches its timers in 200 ms buckets, rounding down: ping intervals and timeouts
-  below about half a second fire early. Tests use 0.5 s and more.
+* Autobahn batches its timers in buckets, rounding deadlines down, so a short ping timeout can
+  fire just after its Ping: :func:`make_factory` gives it :class:`ExactTimer` instead.
 * With the default ``failByDrop`` an oversize or invalid message drops TCP without a close
   frame; :func:`make_factory` turns it off so clients see 1007/1009.
+* Autobahn still delivers messages after a Close was sent, and ``connectionLost`` comes a round
+  trip later: :meth:`Connection.closed` runs as soon as closing starts, so a closing connection
+  reaches nobody.
+* An exception in ``onMessage`` would drop TCP with a traceback; here it closes only that
+  connection with 1011.
+* Autobahn's own warnings name the client's address: they are logged only with request logging.
 """
 from __future__ import annotations
 
