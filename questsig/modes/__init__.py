@@ -27,7 +27,7 @@ import importlib.util
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 from twisted.application.service import MultiService
 from twisted.web.resource import IResource
@@ -109,6 +109,13 @@ class ModeService(MultiService):
 
     def resource(self, mount: Mount) -> IResource:
         raise NotImplementedError
+
+
+def send_each(peers: Iterable[Any], payload: bytes, binary: bool = False) -> None:
+    """A core's default fan-out: the same message to every peer, one ``send`` each. Adapters
+    pass :func:`questsig.websocket.broadcast` instead, which frames the message once."""
+    for peer in peers:
+        peer.send(payload, binary)
 
 
 def available() -> list[str]:

@@ -369,11 +369,6 @@ class Verification:
         return True
 
 
-def _send_each(peers: list[Peer], payload: bytes) -> None:
-    for peer in peers:
-        peer.send(payload)
-
-
 class Fledger:
     """Registries of every family, shared by all fledger listeners of a process."""
 
@@ -391,7 +386,7 @@ class Fledger:
         self.log_ids = log_ids
         self.random_bytes = random_bytes
         #: sends one frame to many peers; the adapter frames it once for all of them
-        self.fanout = fanout or _send_each
+        self.fanout = fanout or modes.send_each
         self.registries = {family: Registry(family) for family in FAMILIES}
         self.nodes: dict[Node, None] = {}
 

@@ -228,11 +228,6 @@ def _has_lone_surrogate(value: Any) -> bool:
     return False
 
 
-def _send_each(peers: list[Peer], payload: bytes) -> None:
-    for peer in peers:
-        peer.send(payload)
-
-
 class Client:
     """One open hub connection."""
 
@@ -255,7 +250,7 @@ class Hub:
         self.push = push
         self.log_names = log_names
         #: sends one payload to many peers (the adapter frames it once for all)
-        self.fanout = fanout or _send_each
+        self.fanout = fanout or modes.send_each
         self.names: dict[str, Client] = {}
         self.clients: dict[Client, None] = {}  # ordered set: broadcast order is join order
 

@@ -307,11 +307,6 @@ def valid_id_req(id_req: str, rules: RouterRules) -> bool:
 MAX_ID_ATTEMPTS = 16
 
 
-def _send_each(sockets: list[Socket], payload: bytes, binary: bool) -> None:
-    for socket in sockets:
-        socket.send(payload, binary)
-
-
 class Router:
     """The registrations of one store, their sockets, and the relay between them."""
 
@@ -324,7 +319,7 @@ class Router:
         self.keys = keys or KeyHashing()
         self.log_ids = log_ids
         #: sends one message to many sockets (the adapter frames it once for all)
-        self.fanout = fanout or _send_each
+        self.fanout = fanout or modes.send_each
         self.registrations: dict[str, Registration] = {}
         #: ids chosen by registrations that are still being hashed and written
         self.reserved: set[str] = set()
