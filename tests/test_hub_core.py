@@ -5,8 +5,9 @@ import json
 
 import pytest
 
+from questsig import strict_json
 from questsig.modes.hub import (INVALID_PROTOCOL, Hub, HubListener, name_from_target,
-                                parse_message, wants_json_errors)
+                                wants_json_errors)
 
 MASTER = HubListener()
 OLD = HubListener(dialect="2.0.2", target_field="to")
@@ -60,7 +61,7 @@ def test_name_rule(target: bytes, name: str | None) -> None:
 def test_strict_json_rejects(text: str) -> None:
     """NaN/Infinity, BOM, trailing garbage, lone surrogates and deep nesting are not JSON."""
     with pytest.raises(ValueError):
-        parse_message(text)
+        strict_json.parse(text)
 
 
 @pytest.mark.parametrize("text,value", [
@@ -71,7 +72,7 @@ def test_strict_json_rejects(text: str) -> None:
 ])
 def test_strict_json_accepts(text: str, value: object) -> None:
     """Valid JSON parses, duplicate keys keep the last, surrogate pairs and 128 levels are fine."""
-    assert parse_message(text) == value
+    assert strict_json.parse(text) == value
 
 
 def test_errors_json_flag_from_query() -> None:

@@ -38,9 +38,8 @@ from nacl.exceptions import BadSignatureError, CryptoError
 from nacl.signing import VerifyKey
 from twisted.logger import Logger
 
-from questsig import modes
+from questsig import modes, strict_json
 from questsig.modes import LISTENER, MODE, Setting
-from questsig.modes.hub import parse_message
 
 NAME = "fledger"
 DEFAULT_PREFIX = "/fledger"
@@ -446,7 +445,7 @@ class Fledger:
         giving this connection's next frame."""
         node.last_active = max(node.last_active, now)
         try:
-            found = variant(parse_message(text))
+            found = variant(strict_json.parse(text))
         except ValueError:
             return None
         if found is None:

@@ -23,7 +23,7 @@ from urllib.parse import parse_qs
 
 from twisted.logger import Logger
 
-from questsig import modes
+from questsig import modes, strict_json
 from questsig.modes import LISTENER, MODE, Setting
 
 NAME = "hub"
@@ -111,7 +111,6 @@ PUSH_REJECTED = {
     "disabled": "Web Push is not enabled on this server",
 }
 PUSH_ACTIONS = ("subscribe-push", "connection-request")
-MAX_DEPTH = 128
 
 
 def not_found(dialect: str, target: str) -> str:
@@ -172,60 +171,6 @@ def wants_json_errors(raw_target: bytes) -> bool:
         return False
     values = parse_qs(query.decode("utf-8", "replace"), keep_blank_values=True).get("errors", [])
     return "json" in values
-
-
-def _reject_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not JSON")
-
-
-_decoder = json.JSONDecoder(parse_constant=_reject_constant)
-_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
-
-
-def parse_message(text: str) -> Any:
-    """Strict RFC 8259 JSON; raises ValueError for anything else (spec §4.1)."""
-    if text.startswith("\ufeff"):
-        raise ValueError("BOM")
-    try:
-        value = _decoder.decode(text)
-    except RecursionError:
-        raise ValueError("nested too deep") from None
-    if text.count("[") + text.count("{") > MAX_DEPTH and _depth(value) > MAX_DEPTH:
-        raise ValueError("nested too deep")
-    if _SURROGATE_ESCAPE.search(text) and _has_lone_surrogate(value):
-        raise ValueError("lone surrogate")
-    return value
-
-
-def _children(value: Any) -> list[Any]:
-    if isinstance(value, dict):
-        return list(value.keys()) + list(value.values())
-    if isinstance(value, list):
-        return value
-    return []
-
-
-def _depth(value: Any) -> int:
-    deepest = 0
-    stack = [(value, 1)]
-    while stack:
-        item, level = stack.pop()
-        if isinstance(item, (dict, list)):
-            deepest = max(deepest, level)
-            stack.extend((child, level + 1) for child in _children(item))
-    return deepest
-
-
-def _has_lone_surrogate(value: Any) -> bool:
-    stack = [value]
-    while stack:
-        item = stack.pop()
-        if isinstance(item, str):
-            if any("\ud800" <= ch <= "\udfff" for ch in item):
-                return True
-        else:
-            stack.extend(_children(item))
-    return False
 
 
 class Client:
@@ -289,7 +234,7 @@ class Hub:
             client.peer.close(1007, "invalid UTF-8")
             return
         try:
-            message = parse_message(text)
+            message = strict_json.parse(text)
         except ValueError:
             message = None
         dialect = client.listener.dialect
