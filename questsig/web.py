@@ -13,7 +13,8 @@ from twisted.logger import Logger
 from twisted.web.resource import IResource, Resource, getChildForRequest
 from twisted.web.server import Site
 
-from questsig.modes import Mount, normalise_key
+from questsig.modes import Mount
+from questsig.websocket import DEFAULT_OPEN_HANDSHAKE_TIMEOUT, limits
 
 log = Logger()
 
@@ -95,21 +96,13 @@ def _handshake_expired(channel: Any) -> None:
         channel.transport.abortConnection()
 
 
-#: the opening-handshake limit of modes without an ``open_handshake_timeout`` setting
-DEFAULT_HANDSHAKE_TIMEOUT = 10.0
-
-
 def handshake_timeout(mounts: Iterable[Mount]) -> float | None:
     """The shortest opening-handshake limit of a listener's mounts (the head of a request must
     arrive before the listener knows which mount it is for): a mount's
     ``open_handshake_timeout``, or 10 s for modes that have no such setting; 0 turns it off."""
-    limits = []
-    for mount in mounts:
-        declared = {normalise_key(key): value for key, value in mount.settings.items()}
-        limit = declared.get("open-handshake-timeout", DEFAULT_HANDSHAKE_TIMEOUT)
-        if limit:
-            limits.append(float(limit))
-    return min(limits) if limits else None
+    found = [limits(m.settings).get("open_handshake_timeout", DEFAULT_OPEN_HANDSHAKE_TIMEOUT)
+             for m in mounts]
+    return min((float(limit) for limit in found if limit), default=None)
 
 
 def build_site(mounts: Iterable[tuple[Mount, IResource]], log_requests: bool = False) -> Site:

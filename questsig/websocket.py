@@ -84,6 +84,8 @@ MESSAGE_TOO_BIG = 1009
 INTERNAL_ERROR = 1011
 
 DEFAULT_MAX_SEND_BUFFER = 8 * 1024 * 1024
+#: the opening-handshake limit of modes without an ``open_handshake_timeout`` setting
+DEFAULT_OPEN_HANDSHAKE_TIMEOUT = 10.0
 
 
 @dataclass(frozen=True)
@@ -386,7 +388,7 @@ def make_factory(protocol: type[Connection], connections: ConnectionSet, *,
                  max_frame_size: int | None = None,
                  ping_interval: float = 0,
                  ping_timeout: float = 0,
-                 open_handshake_timeout: float = 10,
+                 open_handshake_timeout: float = DEFAULT_OPEN_HANDSHAKE_TIMEOUT,
                  close_handshake_timeout: float = 5,
                  max_send_buffer: int = DEFAULT_MAX_SEND_BUFFER,
                  utf8_validate: bool = True,
