@@ -12,7 +12,7 @@ from twisted.internet.error import CannotListenError
 from twisted.logger import Logger
 from twisted.python import usage
 
-from questsig import __version__, config, modes
+from questsig import __version__, client, config, modes
 from questsig.config import Config
 from questsig.modes import ConfigError, Context
 from questsig.web import build_site
@@ -184,24 +184,15 @@ class QuestsigService(service.MultiService):
             mode = modes.load(name).make_service(cfg.modes[name], self.context)
             mode.setServiceParent(self)
             self.modes[name] = mode
+        # the client's files are read once; every listener serves the same resources
+        extra = client.mounts() if cfg.client else []
         for listener, endpoint in zip(cfg.listeners, parsed_endpoints):
-            mounted = [(m, self.modes[m.mode].resource(m)) for m in listener.mounts]
-            mounted += self.extra_mounts()
+            mounted = [(m, self.modes[m.mode].resource(m)) for m in listener.mounts] + extra
             site = build_site(mounted, log_requests=cfg.log_requests)
             svc = ListenerService(listener.endpoint, endpoint, site)
             svc.mounts = listener.mounts
             svc.setServiceParent(self)
             self.listeners.append(svc)
-
-    def extra_mounts(self) -> list[Any]:
-        """Resources every listener serves besides its modes (the JavaScript client)."""
-        if not self.config.client:
-            return []
-        try:
-            from questsig import client
-        except ImportError:
-            return []
-        return client.mounts()
 
     def privilegedStartService(self) -> None:
         raise_open_file_limit(self.config.max_open_files)
