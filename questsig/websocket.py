@@ -198,6 +198,11 @@ class Connection(WebSocketServerProtocol):
         except RuntimeError:  # a transport that refuses producers: no send-buffer limit
             self._buffer_watch = None
 
+    def onConnect(self, request: Any) -> Any:
+        # No mode selects a subprotocol, even when the client offers some; none checks Origin
+        # here (a listener's ``origins`` is checked before the upgrade).
+        return None
+
     def onOpen(self) -> None:
         self.factory.connections.add(self)
         if self.factory.connections.shutting_down:

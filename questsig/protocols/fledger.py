@@ -23,9 +23,6 @@ class FledgerConnection(Connection):
     node: Node | None = None
     _verifying = False
 
-    def onConnect(self, request: Any) -> None:
-        return None  # no subprotocol, no Origin check (spec §3)
-
     def opened(self) -> None:
         self._inbox: deque[tuple[bytes, float]] = deque()
         self.node = self.factory.fledger.connect(self, self.factory.dialect,

@@ -15,9 +15,6 @@ log = Logger()
 class HubConnection(Connection):
     client: Client | None = None
 
-    def onConnect(self, request: Any) -> None:
-        return None  # never select a subprotocol (spec §3)
-
     def opened(self) -> None:
         assert self.request is not None
         self.client = self.factory.hub.join(self, self.request.raw_target, self.factory.listener)

@@ -23,9 +23,6 @@ Refusal = tuple[int, bytes, bytes | None]
 class RelayConnection(Connection):
     client: RelayClient | None = None
 
-    def onConnect(self, request: Any) -> None:
-        return None  # never select a subprotocol, even when one is offered (spec §3)
-
     def opened(self) -> None:
         assert self.request is not None
         # the resource admitted only paths naming a valid id

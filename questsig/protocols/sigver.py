@@ -22,9 +22,6 @@ class SigverConnection(Connection):
     _held: list[bytes] | None = None
     _release_call: Any = None
 
-    def onConnect(self, request: Any) -> None:
-        return None  # sigver never selected a subprotocol
-
     def opened(self) -> None:
         assert self.request is not None
         delay = self.factory.first_frame_delay
