@@ -16,7 +16,7 @@ from typing import Any
 from twisted.web.resource import IResource, Resource
 from twisted.web.util import redirectTo
 
-from questsig.modes import Mount
+from questsig.app import Mount
 
 CLIENT_PATH = "/client.js"
 DEMO_PATH = "/demo"

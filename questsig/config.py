@@ -23,19 +23,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
-from questsig import modes
-from questsig.modes import LISTENER, MODE, ConfigError, Mount, Setting, normalise_key
+from questsig import app, settings
+from questsig.app import Mount
+from questsig.settings import LISTENER, MODE, ConfigError, Setting, normalise_key
 
 DEFAULT_ENDPOINT = "tcp:8000"
 
 #: top-level keys of the file
 GLOBALS: tuple[Setting, ...] = (
-    Setting("state-dir", ".", MODE, modes.text, "directory for SQLite files and other state"),
-    Setting("log-requests", False, MODE, modes.boolean,
+    Setting("state-dir", ".", MODE, settings.text, "directory for SQLite files and other state"),
+    Setting("log-requests", False, MODE, settings.boolean,
             "log one line per connection, with names and ids (never bodies or keys)"),
-    Setting("max-open-files", 0, MODE, modes.count,
+    Setting("max-open-files", 0, MODE, settings.count,
             "raise the soft open-file limit to this many (0: up to the hard limit)"),
-    Setting("client", True, MODE, modes.boolean,
+    Setting("client", True, MODE, settings.boolean,
             "serve the JavaScript client at /client.js and the demo page at /demo/ on every listener"),
 )
 
@@ -146,14 +147,14 @@ def load(*, config_file: str | None = None, endpoints: Iterable[str] = (),
     # top-level keys
     top_declared = _declared(GLOBALS)
     top: dict[str, Any] = {s.name: s.default for s in GLOBALS}
-    mode_tables = {name: doc.pop(name) for name in list(doc) if name in modes.MODULES}
+    mode_tables = {name: doc.pop(name) for name in list(doc) if name in app.MODULES}
     listener_tables = doc.pop("listener", [])
     _apply(top, top_declared, doc, "config", (MODE,))
     _apply(top, top_declared, cli.pop("", {}), "command line", (MODE,))
 
     # per-mode settings: declared defaults <- mode table <- (later) mount table <- command line
     for name in cli:
-        if name not in modes.MODULES:
+        if name not in app.MODULES:
             raise ConfigError(f"--set: unknown mode {name!r}")
     declared: dict[str, dict[str, Setting]] = {}
     mode_wide: dict[str, dict[str, Any]] = {}
@@ -162,7 +163,7 @@ def load(*, config_file: str | None = None, endpoints: Iterable[str] = (),
     def mode_settings(name: str) -> None:
         if name in declared:
             return
-        module = modes.load(name)
+        module = app.load(name)
         declared[name] = _declared(module.SETTINGS)
         merged = {s.name: s.default for s in module.SETTINGS}
         _apply(merged, declared[name], mode_tables.get(name, {}), f"[{name}]", (MODE, LISTENER))
@@ -200,8 +201,8 @@ def load(*, config_file: str | None = None, endpoints: Iterable[str] = (),
         if cli_mounts:
             mount_tables = [{"path": p, "mode": m} for p, m in cli_mounts]
         elif not mount_tables:
-            mount_tables = [{"path": modes.load(name).DEFAULT_PREFIX, "mode": name}
-                            for name in modes.available()]
+            mount_tables = [{"path": app.load(name).DEFAULT_PREFIX, "mode": name}
+                            for name in app.available()]
         built: list[Mount] = []
         for mt in mount_tables:
             mt = dict(mt)
@@ -224,7 +225,7 @@ def load(*, config_file: str | None = None, endpoints: Iterable[str] = (),
         listeners.append(Listener(endpoint=endpoint, mounts=tuple(built)))
 
     for name in list(mode_tables) + list(cli):
-        if name in modes.available():
+        if name in app.available():
             mode_settings(name)  # validate tables of modes that are not mounted, too
 
     mounted = {m.mode for lst in listeners for m in lst.mounts}

@@ -12,9 +12,10 @@ from twisted.internet.error import CannotListenError
 from twisted.logger import Logger
 from twisted.python import usage
 
-from questsig import __version__, client, config, modes
+from questsig import __version__, app, client, config
 from questsig.config import Config
-from questsig.modes import ConfigError, Context
+from questsig.app import Context
+from questsig.settings import ConfigError
 from questsig.web import build_site
 from questsig.websocket import ConnectionSet
 
@@ -178,10 +179,10 @@ class QuestsigService(service.MultiService):
         self.connections.log_requests = cfg.log_requests
         self.context = Context(state_dir=cfg.state_dir, reactor=reactor,
                                connections=self.connections, log_requests=cfg.log_requests)
-        self.modes: dict[str, modes.ModeService] = {}
+        self.modes: dict[str, app.ModeService] = {}
         self.listeners: list[ListenerService] = []
         for name in cfg.mounted_modes:
-            mode = modes.load(name).make_service(cfg.modes[name], self.context)
+            mode = app.load(name).make_service(cfg.modes[name], self.context)
             mode.setServiceParent(self)
             self.modes[name] = mode
         # the client's files are read once; every listener serves the same resources

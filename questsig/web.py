@@ -13,7 +13,7 @@ from twisted.logger import Logger
 from twisted.web.resource import IResource, Resource, getChildForRequest
 from twisted.web.server import Site
 
-from questsig.modes import Mount
+from questsig.app import Mount
 from questsig.websocket import DEFAULT_OPEN_HANDSHAKE_TIMEOUT, limits
 
 log = Logger()

@@ -36,7 +36,8 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 from zope.interface import implementer
 
-from questsig.modes import Mount, normalise_key
+from questsig.app import Mount
+from questsig.settings import normalise_key
 
 log = Logger()
 

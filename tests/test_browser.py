@@ -17,7 +17,7 @@ import pytest
 from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
 
 from certs import TestPKI, make_pki
-from questsig import modes
+from questsig import app
 
 CHROMIUM = Path("/usr/bin/chromium")
 pytestmark = pytest.mark.skipif(not CHROMIUM.exists(),
@@ -30,7 +30,7 @@ CHROMIUM_FLAGS = [
     "--allow-loopback-in-peer-connection", "--disable-features=WebRtcHideLocalIpsWithMdns",
 ]
 WAIT_MS = 15000
-AVAILABLE = modes.available()
+AVAILABLE = app.available()
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,7 @@ from typing import Any, Callable
 import pytest
 
 from questsig import client
-from questsig.modes import Mount
+from questsig.app import Mount
 
 MODE_CLASSES = ("HubClient", "PairRelayClient", "RouterClient", "SigverClient", "FledgerClient")
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 
 from questsig import config
-from questsig.modes import ConfigError
+from questsig.settings import ConfigError
 
 
 def load(**kwargs):

@@ -1,4 +1,4 @@
-"""Unit tests of the fledger core (questsig.modes.fledger), driven without a reactor."""
+"""Unit tests of the fledger core (questsig.fledger.core), driven without a reactor."""
 from __future__ import annotations
 
 import base64
@@ -11,8 +11,8 @@ from twisted.internet.task import Clock
 from fledger_nodes import (A_B64, A_HEX, A_INFO, B_HEX, C_HEX, CHALLENGE, MODULES_010, S64, S_HEX,
                            Key, announce, challenge_of, listed, node_info, peer_setup)
 from questsig import config
-from questsig.modes import ConfigError
-from questsig.modes.fledger import (NEW_MODULES, OLD_MODULES, Fledger, Node, format_modules,
+from questsig.settings import ConfigError
+from questsig.fledger.core import (NEW_MODULES, OLD_MODULES, Fledger, Node, format_modules,
                                     from_base64, parse_modules, parse_node_info, system_realm)
 
 

@@ -9,7 +9,7 @@ import pytest
 import websockets
 
 from clients import RawWebSocket, closed_with, echo_round_trip, nothing_arrives, recv
-from questsig.modes.hub import INVALID_PROTOCOL
+from questsig.hub.core import INVALID_PROTOCOL
 
 MASTER_INVALID = INVALID_PROTOCOL["master"]
 OLD_INVALID = INVALID_PROTOCOL["2.0.2"]

@@ -1,4 +1,4 @@
-"""Unit tests of the hub core (questsig.modes.hub), driven without a reactor."""
+"""Unit tests of the hub core (questsig.hub.core), driven without a reactor."""
 from __future__ import annotations
 
 import json
@@ -6,7 +6,7 @@ import json
 import pytest
 
 from questsig import strict_json
-from questsig.modes.hub import (INVALID_PROTOCOL, Hub, HubListener, name_from_target,
+from questsig.hub.core import (INVALID_PROTOCOL, Hub, HubListener, name_from_target,
                                 wants_json_errors)
 
 MASTER = HubListener()

@@ -19,8 +19,8 @@ from twisted.logger import formatEvent, globalLogPublisher
 
 from clients import nothing_arrives, recv
 from questsig import config
-from questsig.modes import ConfigError
-from questsig.push import generate_key
+from questsig.settings import ConfigError
+from questsig.hub.push import generate_key
 from webpush_stub import PushServiceStub, make_certificate
 
 SUBJECT = "mailto:ops@example.com"

@@ -1,4 +1,4 @@
-"""Unit tests of questsig.push: subscription validation, the exact payload, request building,
+"""Unit tests of questsig.hub.push: subscription validation, the exact payload, request building,
 VAPID key checks, the SQLite store and the push service's rules (driven with fake thread
 runners and twisted.internet.task.Clock)."""
 from __future__ import annotations
@@ -16,9 +16,9 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from twisted.internet import defer, task
 from twisted.python.failure import Failure
 
-from questsig import push
-from questsig.modes import ConfigError
-from questsig.push import (DAY, EXPIRY_INTERVAL, MAX_IN_FLIGHT, MAX_QUEUED, InvalidSubscription,
+from questsig.hub import push
+from questsig.settings import ConfigError
+from questsig.hub.push import (DAY, EXPIRY_INTERVAL, MAX_IN_FLIGHT, MAX_QUEUED, InvalidSubscription,
                            PushService, PushSettings, Subscription, SubscriptionStore, Vapid)
 from questsig.sqlite import SchemaMismatch
 from webpush_stub import Browser, Delivery, check_vapid, decrypt
@@ -368,7 +368,7 @@ def test_validate_needs_both_key_and_subject(tmp_path: Path) -> None:
 
 def test_genkey_writes_a_private_key_and_prints_the_public_key(
         tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    """python -m questsig.push genkey FILE writes a usable PEM key (0600), prints its public
+    """python -m questsig.hub.push genkey FILE writes a usable PEM key (0600), prints its public
     key, and never overwrites a file."""
     path = tmp_path / "vapid.pem"
     assert push.main(["genkey", str(path)]) == 0
@@ -705,12 +705,12 @@ def test_stored_subscriptions_refused_by_current_settings_get_no_push() -> None:
 
 
 def test_genkey_runs_as_a_module(tmp_path: Path) -> None:
-    """`python -m questsig.push genkey FILE` works from the command line."""
+    """`python -m questsig.hub.push genkey FILE` works from the command line."""
     import subprocess
     import sys
 
     path = tmp_path / "cli.pem"
-    done = subprocess.run([sys.executable, "-m", "questsig.push", "genkey", str(path)],
+    done = subprocess.run([sys.executable, "-m", "questsig.hub.push", "genkey", str(path)],
                           capture_output=True, text=True, timeout=60,
                           cwd=Path(__file__).parent.parent)
     assert done.returncode == 0, done.stderr

@@ -1,12 +1,13 @@
-"""Unit tests of the pair-relay core (questsig.modes.relay) with fake peers."""
+"""Unit tests of the pair-relay core (questsig.relay.core) with fake peers."""
 from __future__ import annotations
 
 import random
 
 import pytest
 
-from questsig.modes import relay as core
-from questsig.modes.relay import PairRelay, RelayClient, room_id
+import questsig.relay as relay_mode
+from questsig.relay import core
+from questsig.relay.core import PairRelay, RelayClient, room_id
 
 NOT_RECEIVED = b"/error:0001:The message was not received by anyone.:"
 
@@ -308,10 +309,10 @@ def test_random_churn_keeps_invariants() -> None:
 
 def test_settings_declared() -> None:
     """The mode declares every key of spec §8 with the spec's defaults."""
-    defaults = {s.name: s.default for s in core.SETTINGS}
+    defaults = {s.name: s.default for s in relay_mode.SETTINGS}
     assert defaults == {
         "binary": "relay", "strict_control": False, "max_message_size": 65536,
         "max_id_length": 256, "ping_interval": 30.0, "ping_timeout": 20.0,
         "open_handshake_timeout": 10.0, "max_send_buffer": 8 * 1024 * 1024,
     }
-    assert core.NAME == "pair-relay" and core.DEFAULT_PREFIX == "/relay"
+    assert relay_mode.NAME == "pair-relay" and relay_mode.DEFAULT_PREFIX == "/relay"

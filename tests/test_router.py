@@ -18,8 +18,8 @@ import websockets
 from twisted.logger import formatEvent, globalLogPublisher
 
 from clients import TIMEOUT, RawWebSocket, closed_with, nothing_arrives, recv
-from questsig.modes.router import hash_key
-from questsig.modes.router_store import Record, SqliteFile
+from questsig.router.core import hash_key
+from questsig.router.store import Record, SqliteFile
 
 MIB = 1024 * 1024
 

@@ -1,4 +1,4 @@
-"""Unit tests of the router core (questsig.modes.router) and its store (router_store), driven
+"""Unit tests of the router core (questsig.router.core) and its store (router.store), driven
 without a reactor: fake sockets, twisted.internet.task.Clock, Deferreds fired by hand."""
 from __future__ import annotations
 
@@ -13,12 +13,12 @@ from twisted.internet import defer
 from twisted.internet.task import Clock
 from twisted.python.failure import Failure
 
-from questsig.modes import router as core
-from questsig.modes.router import (
+from questsig.router import core
+from questsig.router.core import (
     CLIENT, HOST, MEMBER, KeyHashing, Router, RouterError, RouterRules, UnknownRegistration,
     hash_key, key_matches, parse_query, route_parameters, valid_id_req,
 )
-from questsig.modes.router_store import (
+from questsig.router.store import (
     SCHEMA_VERSION, MemoryRegistrations, Record, SqliteFile, SqliteRegistrations, StoreError,
 )
 

@@ -1,4 +1,4 @@
-"""Unit tests of the sigver core (questsig.modes.sigver), driven with fake links and a Clock, and
+"""Unit tests of the sigver core (questsig.sigver.core), driven with fake links and a Clock, and
 of its codec against questsig/sigver.proto compiled by protoc (grpcio-tools)."""
 from __future__ import annotations
 
@@ -12,13 +12,13 @@ import pytest
 from google.protobuf.message import DecodeError
 from twisted.internet.task import Clock
 
-from questsig.modes import sigver
-from questsig.modes.sigver import (
+from questsig.sigver import core as sigver
+from questsig.sigver.core import (
     ERR_BLOCKING_MEMBER, ERR_HEARTBEAT, ERR_KEY, ERR_MESSAGE, Content, Heartbeat, Message,
     Signaling,
 )
 
-PROTO = Path(sigver.__file__).resolve().parent.parent / "sigver.proto"
+PROTO = Path(sigver.__file__).resolve().parent / "sigver.proto"
 
 
 class FakeLink:

@@ -1,4 +1,4 @@
-"""The fledger Autobahn adapter and service. Rules live in :mod:`questsig.modes.fledger`."""
+"""The fledger Autobahn adapter and service. Rules live in :mod:`questsig.fledger.core`."""
 from __future__ import annotations
 
 from collections import deque
@@ -8,8 +8,8 @@ from twisted.application.internet import TimerService
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 
-from questsig.modes import Context, ModeService, Mount
-from questsig.modes.fledger import MAX_EXPIRY_CHECK, Fledger, Node, Verification
+from questsig.app import Context, ModeService, Mount
+from questsig.fledger.core import MAX_EXPIRY_CHECK, Fledger, Node, Verification
 from questsig.websocket import Connection, WebSocketResource, broadcast, limits, make_factory
 
 log = Logger()

@@ -18,8 +18,8 @@ WebSocket, per registration::
 
 This module is the transport-free core (no reactor: a clock is passed in, sockets are anything
 with ``send``/``close``, key hashing and the store answer with Deferreds). The twisted.web
-resource and the Autobahn adapter are :mod:`questsig.protocols.router`; the store is
-:mod:`questsig.modes.router_store`.
+resource and the Autobahn adapter are :mod:`questsig.router.adapter`; the store is
+:mod:`questsig.router.store`.
 """
 from __future__ import annotations
 
@@ -34,12 +34,9 @@ from urllib.parse import unquote_to_bytes
 from twisted.internet import defer
 from twisted.logger import Logger
 
-from questsig import modes
-from questsig.modes import LISTENER, Setting
-from questsig.modes.router_store import Record
+from questsig.peer import send_each
+from questsig.router.store import Record
 
-NAME = "router"
-DEFAULT_PREFIX = "/router"
 
 log = Logger()
 
@@ -68,53 +65,6 @@ def _id_length(value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or not 6 <= value <= 64:
         raise ValueError("must be an integer from 6 to 64")
     return value
-
-
-SETTINGS: tuple[Setting, ...] = (
-    Setting("modes", ("lobby", "host-client"), LISTENER, _modes,
-            "registration types this mount offers: lobby, host-client or both"),
-    Setting("id_length", 8, LISTENER, _id_length, "length of generated ids (hex), 6-64"),
-    Setting("id_req_min_length", 8, LISTENER, modes.positive,
-            "shortest id_req honoured, in UTF-8 bytes"),
-    Setting("id_req_max_length", 64, LISTENER, modes.positive,
-            "longest id_req honoured, in UTF-8 bytes"),
-    Setting("reject_invalid_id_req", False, LISTENER, modes.boolean,
-            "answer an invalid or taken id_req with an error instead of a fresh id (upstream -j)"),
-    Setting("auto_remove", True, LISTENER, modes.boolean,
-            "remove a registration once its last socket has left"),
-    Setting("auto_remove_grace", 60.0, LISTENER, modes.seconds,
-            "seconds to wait for a socket to come back before auto-removal; 0 = at once"),
-    Setting("unused_ttl", 86400.0, LISTENER, modes.seconds,
-            "seconds a registration that never had a socket lives; 0 = forever"),
-    Setting("store", "sqlite", LISTENER, modes.choice("sqlite", "memory"),
-            "where registrations live: 'sqlite' (kept across restarts) or 'memory'"),
-    Setting("store_path", "router.sqlite3", LISTENER, modes.text,
-            "SQLite file, relative to state-dir; mounts naming the same file share registrations"),
-    Setting("stats_token", None, LISTENER, modes.optional_text,
-            "bearer token for /stats; unset = /stats answers 404"),
-    Setting("error_status", "upstream", LISTENER, modes.choice("upstream", "semantic"),
-            "status codes of application errors: upstream's (mostly 500) or accurate ones"),
-    Setting("max_message_size", 1048576, LISTENER, modes.positive,
-            "largest frame and message in bytes; bigger ones close with 1009"),
-    Setting("ping_interval", 30.0, LISTENER, modes.seconds,
-            "seconds between keepalive Pings; 0 = off"),
-    Setting("ping_timeout", 20.0, LISTENER, modes.seconds,
-            "seconds after a Ping without any inbound frame before the TCP is aborted"),
-    Setting("open_handshake_timeout", 10.0, LISTENER, modes.seconds,
-            "seconds a client has to complete the opening handshake"),
-    Setting("max_registrations", 100000, LISTENER, modes.positive,
-            "registrations at most; more get TooManyRegistrations"),
-    Setting("max_sockets_per_registration", 1024, LISTENER, modes.positive,
-            "sockets per registration at most; more get TooManyConnections"),
-    Setting("max_send_buffer", 8 * 1024 * 1024, LISTENER, modes.positive,
-            "bytes waiting for one receiver before it is closed with 1008"),
-)
-
-
-def make_service(settings: Mapping[str, Any], context: modes.Context) -> modes.ModeService:
-    from questsig.protocols.router import RouterService
-
-    return RouterService(settings, context)
 
 
 # -- errors (spec §3) ----------------------------------------------------------------------------
@@ -319,7 +269,7 @@ class Router:
         self.keys = keys or KeyHashing()
         self.log_ids = log_ids
         #: sends one message to many sockets (the adapter frames it once for all)
-        self.fanout = fanout or modes.send_each
+        self.fanout = fanout or send_each
         self.registrations: dict[str, Registration] = {}
         #: ids chosen by registrations that are still being hashed and written
         self.reserved: set[str] = set()

@@ -10,24 +10,21 @@ Wire protocol, one WebSocket per client, ``?user=NAME`` in the URL::
     <- close 1007 invalid UTF-8, 1009 too big, 1001 shutdown
 
 This module is the transport-free core: a connection is anything with ``send(bytes)`` and
-``close(code, reason)``. The Autobahn adapter is :mod:`questsig.protocols.hub`.
+``close(code, reason)``. The Autobahn adapter is :mod:`questsig.hub.adapter`.
 """
 from __future__ import annotations
 
 import json
 import re
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Callable, Mapping, Protocol
 from urllib.parse import parse_qs
 
 from twisted.logger import Logger
 
-from questsig import modes, strict_json
-from questsig.modes import LISTENER, MODE, Setting
+from questsig.peer import send_each
+from questsig import strict_json
 
-NAME = "hub"
-DEFAULT_PREFIX = "/hub"
 
 log = Logger()
 
@@ -38,57 +35,6 @@ def _hosts(value: Any) -> tuple[str, ...]:
     if not isinstance(value, (list, tuple)) or not all(isinstance(h, str) for h in value):
         raise ValueError("must be a list of host names")
     return tuple(h.strip().lower().lstrip(".") for h in value)
-
-
-SETTINGS: tuple[Setting, ...] = (
-    Setting("dialect", "master", LISTENER, modes.choice("master", "2.0.2"),
-            "error-text set: 'master' or '2.0.2'"),
-    Setting("target-field", "both", LISTENER, modes.choice("both", "endpoint", "to"),
-            "field naming the one-to-one and push target"),
-    Setting("json-errors", "allow", LISTENER, modes.choice("allow", "off"),
-            "may clients opt in to JSON error frames with errors=json"),
-    Setting("ping-interval", 30.0, LISTENER, modes.seconds, "seconds between Pings; 0 = off"),
-    Setting("ping-timeout", 30.0, LISTENER, modes.seconds, "seconds to wait for a Pong"),
-    Setting("max-message-size", 1048576, LISTENER, modes.positive,
-            "bigger messages close with 1009"),
-    Setting("origins", (), LISTENER, modes.origins,
-            "if set, browsers may connect only from these origins (others get 403)"),
-    Setting("max-connections", 0, MODE, modes.count, "cap on open hub connections; 0 = unlimited"),
-    Setting("push-vapid-key", None, MODE, modes.optional_text,
-            "PEM file with the VAPID P-256 private key"),
-    Setting("push-vapid-subject", None, MODE, modes.optional_text,
-            "VAPID sub claim: a mailto: or https: URI"),
-    Setting("push-encoding", "aes128gcm", MODE, modes.choice("aes128gcm", "aesgcm"),
-            "Web Push content encoding"),
-    Setting("push-when", "offline", MODE, modes.choice("offline", "always"),
-            "push only to offline targets, or always"),
-    Setting("push-store", "hub-push.sqlite3", MODE, modes.text,
-            "SQLite file for subscriptions (relative to state-dir); ':memory:' = not durable"),
-    Setting("push-ttl", 3600, MODE, modes.count, "TTL header, seconds"),
-    Setting("push-timeout", 4.0, MODE, modes.seconds, "push request timeout, seconds"),
-    Setting("push-min-interval", 5.0, MODE, modes.seconds,
-            "at most one push per target per this many seconds"),
-    Setting("push-subscription-max-age", 30, MODE, modes.count,
-            "days after the last subscribe-push before deletion; 0 = never"),
-    Setting("push-allowed-hosts", (), MODE, _hosts,
-            "if set, push endpoint hosts must equal or end with one of these"),
-    Setting("push-allow-private", False, MODE, modes.boolean,
-            "allow http:// and private or loopback push endpoints (testing only)"),
-)
-
-
-def validate(settings: Mapping[str, Any], state_dir: Path) -> None:
-    """Web Push settings fail the start, not the first push (upstream crashed then)."""
-    if settings.get("push-vapid-key") or settings.get("push-vapid-subject"):
-        from questsig import push
-
-        push.validate(settings, state_dir)
-
-
-def make_service(settings: Mapping[str, Any], context: modes.Context) -> modes.ModeService:
-    from questsig.protocols.hub import HubService
-
-    return HubService(settings, context)
 
 
 # -- exact texts (spec §5.2) ---------------------------------------------------------------------
@@ -129,7 +75,7 @@ class Peer(Protocol):
 
 
 class PushSink(Protocol):
-    """What the hub asks of Web Push (spec §8); see :mod:`questsig.push`."""
+    """What the hub asks of Web Push (spec §8); see :mod:`questsig.hub.push`."""
 
     def subscribe(self, name: str, data: Any) -> bool:
         """Store ``data`` as ``name``'s subscription; False if it is not valid."""
@@ -195,7 +141,7 @@ class Hub:
         self.push = push
         self.log_names = log_names
         #: sends one payload to many peers (the adapter frames it once for all)
-        self.fanout = fanout or modes.send_each
+        self.fanout = fanout or send_each
         self.names: dict[str, Client] = {}
         self.clients: dict[Client, None] = {}  # ordered set: broadcast order is join order
 

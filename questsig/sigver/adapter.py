@@ -1,4 +1,4 @@
-"""The sigver Autobahn adapter and service. Rules live in :mod:`questsig.modes.sigver`.
+"""The sigver Autobahn adapter and service. Rules live in :mod:`questsig.sigver.core`.
 
 A connection's first frames are held for ``first-frame-delay`` seconds after the handshake.
 Netflux 3.0.0 in Node (with ws standing in for the abandoned uws) installs its message handler
@@ -11,8 +11,8 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
-from questsig.modes import Context, ModeService, Mount
-from questsig.modes.sigver import Heartbeat, Peer, Signaling, key_from_subpath
+from questsig.app import Context, ModeService, Mount
+from questsig.sigver.core import Heartbeat, Peer, Signaling, key_from_subpath
 from questsig.websocket import Connection, WebSocketResource, limits, make_factory
 
 

@@ -15,48 +15,19 @@ at a time::
 
 Relayed text is never interpreted: a peer's ``/remote:close`` is just text. This module is the
 transport-free core: a connection is anything with ``send(bytes, binary)`` and
-``close(code, reason)``. The Autobahn adapter is :mod:`questsig.protocols.relay`.
+``close(code, reason)``. The Autobahn adapter is :mod:`questsig.relay.adapter`.
 """
 from __future__ import annotations
 
 from collections import deque
-from typing import Any, Callable, Mapping, Protocol
+from typing import Any, Callable, Protocol
 from urllib.parse import unquote_to_bytes
 
 from twisted.logger import Logger
 
-from questsig import modes
-from questsig.modes import LISTENER, Setting
 
-NAME = "pair-relay"
-DEFAULT_PREFIX = "/relay"
 
 log = Logger()
-
-SETTINGS: tuple[Setting, ...] = (
-    Setting("binary", "relay", LISTENER, modes.choice("relay", "echo"),
-            "binary frames: 'relay' to the peer, or 'echo' back to the sender (upstream)"),
-    Setting("strict_control", False, LISTENER, modes.boolean,
-            "refuse client text starting with /remote:, /status: or /error: (error 0002)"),
-    Setting("max_message_size", 65536, LISTENER, modes.positive,
-            "largest frame and reassembled message, bytes; bigger closes with 1009"),
-    Setting("max_id_length", 256, LISTENER, modes.positive,
-            "longest id in bytes after percent-decoding; longer gets 404"),
-    Setting("ping_interval", 30.0, LISTENER, modes.seconds, "seconds between Pings; 0 = off"),
-    Setting("ping_timeout", 20.0, LISTENER, modes.seconds,
-            "seconds to wait for the Pong (or any frame) before aborting"),
-    Setting("open_handshake_timeout", 10.0, LISTENER, modes.seconds,
-            "seconds from TCP accept to a complete handshake"),
-    Setting("max_send_buffer", 8 * 1024 * 1024, LISTENER, modes.positive,
-            "bytes allowed to pile up unsent to one receiver; more closes it with 1008"),
-)
-
-
-def make_service(settings: Mapping[str, Any], context: modes.Context) -> modes.ModeService:
-    from questsig.protocols.relay import RelayService
-
-    return RelayService(settings, context)
-
 
 # -- exact texts (spec §2) -----------------------------------------------------------------------
 

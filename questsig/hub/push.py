@@ -1,6 +1,6 @@
 """Web Push for the hub (spec: shared specs/hub.md §8).
 
-What the hub asks of it (:class:`questsig.modes.hub.PushSink`)::
+What the hub asks of it (:class:`questsig.hub.core.PushSink`)::
 
     subscribe(name, subscriptionData)          validate now; store in SQLite off the reactor
     connection_request(sender, target, online) at most one push, if push-when and
@@ -16,7 +16,7 @@ Threads: SQLite runs on one dedicated thread, pushes on at most :data:`MAX_IN_FL
 at most :data:`MAX_QUEUED` waiting; the reactor only validates and decides. Logs name the push
 service's host, never the endpoint URL or a key, and user names only with request logging on.
 
-``python -m questsig.push genkey [FILE]`` makes a VAPID key pair.
+``python -m questsig.hub.push genkey [FILE]`` makes a VAPID key pair.
 """
 from __future__ import annotations
 
@@ -47,7 +47,8 @@ from twisted.internet import defer, task
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from questsig.modes import ConfigError, Context
+from questsig.app import Context
+from questsig.settings import ConfigError
 from questsig.sqlite import SchemaMismatch, migrate
 from questsig.workers import Workers
 
@@ -401,7 +402,7 @@ def load_vapid_key(path: str) -> ec.EllipticCurvePrivateKey:
     except ValueError:
         raise ConfigError(f"hub: push-vapid-key {path}: not a PEM private key "
                           "(expected SEC1 'EC PRIVATE KEY' or PKCS#8 'PRIVATE KEY'; "
-                          "make one with: python -m questsig.push genkey FILE)") from None
+                          "make one with: python -m questsig.hub.push genkey FILE)") from None
     if not isinstance(key, ec.EllipticCurvePrivateKey) or key.curve.name != "secp256r1":
         raise ConfigError(f"hub: push-vapid-key {path}: not a P-256 (prime256v1) EC key")
     return key
@@ -433,7 +434,7 @@ def validate(settings: Mapping[str, Any], state_dir: Path) -> Vapid | None:
                           "\"mailto:admin@example.com\")")
     if not key_file:
         raise ConfigError("hub: push-vapid-subject is set but push-vapid-key is not; "
-                          "Web Push needs both (python -m questsig.push genkey FILE makes a key)")
+                          "Web Push needs both (python -m questsig.hub.push genkey FILE makes a key)")
     check_subject(subject)
     if not settings.get("push-timeout", 4.0) > 0:
         raise ConfigError("hub: push-timeout must be more than 0 seconds")
@@ -526,7 +527,7 @@ class PushSettings:
 
 
 class PushService(Service):
-    """The hub's :class:`~questsig.modes.hub.PushSink`: decides on the reactor, works on threads.
+    """The hub's :class:`~questsig.hub.core.PushSink`: decides on the reactor, works on threads.
 
     ``store_runner`` must run calls one at a time, in order; ``send_runner`` may run up to
     :data:`MAX_IN_FLIGHT` at once. ``clock`` paces pushes; ``wall_clock`` dates subscriptions
@@ -786,7 +787,7 @@ def make_push_service(settings: Mapping[str, Any], context: Context, hub: Any) -
         log_names=context.log_requests)
 
 
-# -- python -m questsig.push genkey [FILE] -------------------------------------------------------
+# -- python -m questsig.hub.push genkey [FILE] -------------------------------------------------------
 
 
 def generate_key(path: str) -> str:
@@ -804,7 +805,7 @@ def generate_key(path: str) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     if not args or args[0] != "genkey" or len(args) > 2:
-        print("usage: python -m questsig.push genkey [FILE]   (default FILE: vapid-private.pem)",
+        print("usage: python -m questsig.hub.push genkey [FILE]   (default FILE: vapid-private.pem)",
               file=sys.stderr)
         return 2
     path = args[1] if len(args) == 2 else "vapid-private.pem"

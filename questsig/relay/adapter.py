@@ -1,4 +1,4 @@
-"""The pair-relay's Autobahn adapter and service. Rules live in :mod:`questsig.modes.relay`.
+"""The pair-relay's Autobahn adapter and service. Rules live in :mod:`questsig.relay.core`.
 
 Everything upstream answered before the upgrade (404 for bad paths and methods, 400 with the
 reason in the status line for bad handshake headers) is answered here, before Autobahn sees
@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
-from questsig.modes import Context, ModeService, Mount
-from questsig.modes.relay import PairRelay, RelayClient, room_id
+from questsig.app import Context, ModeService, Mount
+from questsig.relay.core import PairRelay, RelayClient, room_id
 from questsig.websocket import (POLICY_VIOLATION, Connection, WebSocketResource,
                                 is_upgrade, limits, make_factory)
 

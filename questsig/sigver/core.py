@@ -3,7 +3,7 @@
 Peers that share a key (the URL path below the mount, query ignored) form a group. A newcomer,
 the *joiner*, is bound to one *member* at a time and exchanges WebRTC setup data with it until
 it joins the group through a direct connection. Every frame is one binary protobuf ``Message``
-(``questsig/sigver.proto``)::
+(``questsig/sigver/sigver.proto``)::
 
     <- isFirst: true                 you are the group (first, or replacing a blocking member)
     <- isFirst: false                you are bound to a member: exchange contents with it
@@ -18,7 +18,7 @@ it joins the group through a direct connection. Every frame is one binary protob
 
 This module is the transport-free core: a connection is anything with ``send(bytes, binary)``
 and ``close(code, reason)``; time comes from an injected ``IReactorTime``. The Autobahn adapter
-is :mod:`questsig.protocols.sigver`.
+is :mod:`questsig.sigver.adapter`.
 
 Two readings of the spec made precise here: ``tryAnother`` always ends the joiner's current
 binding silently, also when the only member turns out to be blocking; and a content from a peer
@@ -30,38 +30,15 @@ from __future__ import annotations
 import enum
 import secrets
 from dataclasses import dataclass
-from typing import Any, Mapping, Protocol
+from typing import Any, Protocol
 
 from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
 from google.protobuf.message import DecodeError
 from twisted.logger import Logger
 
-from questsig import modes
-from questsig.modes import LISTENER, Setting
 
-NAME = "sigver"
-DEFAULT_PREFIX = "/sigver"
 
 log = Logger()
-
-SETTINGS: tuple[Setting, ...] = (
-    Setting("heartbeat-interval", 5.0, LISTENER, modes.seconds,
-            "seconds between the server's heartbeats; 0 = no heartbeats"),
-    Setting("heartbeat-misses", 3, LISTENER, modes.positive,
-            "heartbeats a peer may leave unanswered; the next one closes it with 4002"),
-    Setting("max-message-size", 1048576, LISTENER, modes.positive,
-            "bigger messages close with 1009"),
-    Setting("first-frame-delay", 0.05, LISTENER, modes.seconds,
-            "seconds to hold a connection's first frames after the handshake, so that Netflux "
-            "in Node sees isFirst; 0 = send at once"),
-)
-
-
-def make_service(settings: Mapping[str, Any], context: modes.Context) -> modes.ModeService:
-    from questsig.protocols.sigver import SigverService
-
-    return SigverService(settings, context)
-
 
 # -- close codes and texts (spec 3, 6, 7) --------------------------------------------------------
 
@@ -86,7 +63,7 @@ MAX_ROUTING_ID = 2 ** 32 - 1
 
 
 def _schema() -> descriptor_pb2.FileDescriptorProto:
-    """questsig/sigver.proto, with sigver 18's ``isError = 3`` and ``isEnd = 4`` beside ``data``
+    """questsig/sigver/sigver.proto, with sigver 18's ``isError = 3`` and ``isEnd = 4`` beside ``data``
     in a oneof of ``Content``: the one schema that reads both generations' ends."""
     field = descriptor_pb2.FieldDescriptorProto
     schema = descriptor_pb2.FileDescriptorProto(

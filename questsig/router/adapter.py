@@ -1,5 +1,5 @@
 """The router's twisted.web resource, Autobahn adapter and service. Rules live in
-:mod:`questsig.modes.router`; the exact HTTP answers (statuses, bodies, CORS) are made here.
+:mod:`questsig.router.core`; the exact HTTP answers (statuses, bodies, CORS) are made here.
 
 Autobahn pitfalls met here: a ``/connect`` is refused with warp's exact bodies *before* the
 upgrade (Autobahn would answer with its own texts); keys are verified on a thread, so the
@@ -22,12 +22,12 @@ from twisted.python.failure import Failure
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 
-from questsig.modes import Context, ModeService, Mount
-from questsig.modes.router import (
+from questsig.app import Context, ModeService, Mount
+from questsig.router.core import (
     REMOVED_REASON, SEND_BUFFER_OVERFLOW_REASON, KeyHashing, Member, Registration, Router,
     RouterError, RouterRules, UnknownRegistration, parse_query, route_parameters,
 )
-from questsig.modes.router_store import MemoryRegistrations, SqliteRegistrations, StoreError
+from questsig.router.store import MemoryRegistrations, SqliteRegistrations, StoreError
 from questsig.websocket import Connection, WebSocketResource, broadcast, limits, make_factory
 from questsig.workers import Workers
 

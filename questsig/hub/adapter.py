@@ -1,12 +1,12 @@
-"""The hub's Autobahn adapter and service. Rules live in :mod:`questsig.modes.hub`."""
+"""The hub's Autobahn adapter and service. Rules live in :mod:`questsig.hub.core`."""
 from __future__ import annotations
 
 from typing import Any, Mapping
 
 from twisted.logger import Logger
 
-from questsig.modes import Context, ModeService, Mount
-from questsig.modes.hub import Client, Hub, HubListener
+from questsig.app import Context, ModeService, Mount
+from questsig.hub.core import Client, Hub, HubListener
 from questsig.websocket import Connection, WebSocketResource, broadcast, limits, make_factory
 
 log = Logger()
@@ -36,7 +36,7 @@ class HubService(ModeService):
                        log_names=context.log_requests, fanout=broadcast)
         self.push = None
         if settings.get("push-vapid-key") or settings.get("push-vapid-subject"):
-            from questsig.push import make_push_service
+            from questsig.hub.push import make_push_service
 
             self.push = make_push_service(settings, context, self.hub)
             self.push.setServiceParent(self)

@@ -20,7 +20,7 @@ shutdown drop TCP (a 0.9+ node reconnects after a drop but spins on a clean clos
 
 This module is the transport-free core: a connection is anything with ``send(bytes)`` and
 ``abort()``; time is passed in. Signature checks are handed back to the caller as
-:class:`Verification` jobs so that the adapter (:mod:`questsig.protocols.fledger`) can run them
+:class:`Verification` jobs so that the adapter (:mod:`questsig.fledger.adapter`) can run them
 off the reactor thread while holding the connection's later frames back, in order.
 """
 from __future__ import annotations
@@ -38,11 +38,9 @@ from nacl.exceptions import BadSignatureError, CryptoError
 from nacl.signing import VerifyKey
 from twisted.logger import Logger
 
-from questsig import modes, strict_json
-from questsig.modes import LISTENER, MODE, Setting
+from questsig.peer import send_each
+from questsig import settings, strict_json
 
-NAME = "fledger"
-DEFAULT_PREFIX = "/fledger"
 
 log = Logger()
 
@@ -60,13 +58,13 @@ _BASE64 = re.compile(r"[A-Za-z0-9+/]*(={1,2})?")
 
 
 def _node_ttl(value: Any) -> float:
-    ttl = modes.seconds(value)
+    ttl = settings.seconds(value)
     if ttl < MIN_NODE_TTL:
         raise ValueError(f"must be at least {MIN_NODE_TTL:g} seconds")
     return ttl
 
 
-_family = modes.choice("auto", *FAMILIES)
+_family = settings.choice("auto", *FAMILIES)
 #: ``--set fledger.dialect=0.10`` arrives as the TOML float 0.1
 _FAMILY_NUMBERS = {0.7: "0.7", 0.8: "0.8", 0.1: "0.10"}
 
@@ -87,33 +85,6 @@ def system_realm(value: Any) -> str | None:
             or not _HEX_DIGITS.fullmatch(value)):
         raise ValueError("must be 2 to 64 hex digits, an even count")
     return value.lower().ljust(64, "0")
-
-
-SETTINGS: tuple[Setting, ...] = (
-    Setting("dialect", "auto", LISTENER, _dialect,
-            "release family: 'auto' (detected from the first Announce) or a fixed one"),
-    Setting("ping-interval", 0.0, LISTENER, modes.seconds, "seconds between Pings; 0 = off"),
-    Setting("ping-timeout", 30.0, LISTENER, modes.seconds,
-            "seconds to wait for a Pong before dropping TCP"),
-    Setting("max-message-size", 1048576, LISTENER, modes.positive,
-            "bigger messages close with 1009"),
-    Setting("node-ttl", 180.0, MODE, _node_ttl,
-            "seconds without a text frame after which a connection expires (at least 10)"),
-    Setting("expire-action", "drop", MODE, modes.choice("drop", "keep"),
-            "what expiry does to the socket: drop TCP, or keep it open as upstream did"),
-    Setting("system-realm", None, MODE, system_realm,
-            "2-64 hex digits sent in SystemConfig (padded to 64); unset = null"),
-    Setting("max-list-len", 0, MODE, modes.count,
-            "cap on ListIDsReply answers to requests; 0 = all nodes"),
-    Setting("announce-broadcast", True, MODE, modes.boolean,
-            "0.10: push the full list to every other node on each announce"),
-)
-
-
-def make_service(settings: Mapping[str, Any], context: modes.Context) -> modes.ModeService:
-    from questsig.protocols.fledger import FledgerService
-
-    return FledgerService(settings, context)
 
 
 # -- encodings (spec §4) -------------------------------------------------------------------------
@@ -385,7 +356,7 @@ class Fledger:
         self.log_ids = log_ids
         self.random_bytes = random_bytes
         #: sends one frame to many peers; the adapter frames it once for all of them
-        self.fanout = fanout or modes.send_each
+        self.fanout = fanout or send_each
         self.registries = {family: Registry(family) for family in FAMILIES}
         self.nodes: dict[Node, None] = {}
 

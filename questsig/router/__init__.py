@@ -1,0 +1,62 @@
+"""Mode ``router``: ws_router-compatible lobbies and host-client registrations.
+
+The face of the mode: its name, default prefix, settings and service. The rules and the wire
+protocol are in :mod:`questsig.router.core`, the Autobahn glue in :mod:`questsig.router.adapter`.
+"""
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+from questsig.app import Context, ModeService
+from questsig.router.adapter import RouterService
+from questsig.router.core import _id_length, _modes
+from questsig.settings import (LISTENER, Setting, boolean, choice, optional_text, positive, seconds,
+                               text)
+
+NAME = "router"
+DEFAULT_PREFIX = "/router"
+
+
+SETTINGS: tuple[Setting, ...] = (
+    Setting("modes", ("lobby", "host-client"), LISTENER, _modes,
+            "registration types this mount offers: lobby, host-client or both"),
+    Setting("id_length", 8, LISTENER, _id_length, "length of generated ids (hex), 6-64"),
+    Setting("id_req_min_length", 8, LISTENER, positive,
+            "shortest id_req honoured, in UTF-8 bytes"),
+    Setting("id_req_max_length", 64, LISTENER, positive,
+            "longest id_req honoured, in UTF-8 bytes"),
+    Setting("reject_invalid_id_req", False, LISTENER, boolean,
+            "answer an invalid or taken id_req with an error instead of a fresh id (upstream -j)"),
+    Setting("auto_remove", True, LISTENER, boolean,
+            "remove a registration once its last socket has left"),
+    Setting("auto_remove_grace", 60.0, LISTENER, seconds,
+            "seconds to wait for a socket to come back before auto-removal; 0 = at once"),
+    Setting("unused_ttl", 86400.0, LISTENER, seconds,
+            "seconds a registration that never had a socket lives; 0 = forever"),
+    Setting("store", "sqlite", LISTENER, choice("sqlite", "memory"),
+            "where registrations live: 'sqlite' (kept across restarts) or 'memory'"),
+    Setting("store_path", "router.sqlite3", LISTENER, text,
+            "SQLite file, relative to state-dir; mounts naming the same file share registrations"),
+    Setting("stats_token", None, LISTENER, optional_text,
+            "bearer token for /stats; unset = /stats answers 404"),
+    Setting("error_status", "upstream", LISTENER, choice("upstream", "semantic"),
+            "status codes of application errors: upstream's (mostly 500) or accurate ones"),
+    Setting("max_message_size", 1048576, LISTENER, positive,
+            "largest frame and message in bytes; bigger ones close with 1009"),
+    Setting("ping_interval", 30.0, LISTENER, seconds,
+            "seconds between keepalive Pings; 0 = off"),
+    Setting("ping_timeout", 20.0, LISTENER, seconds,
+            "seconds after a Ping without any inbound frame before the TCP is aborted"),
+    Setting("open_handshake_timeout", 10.0, LISTENER, seconds,
+            "seconds a client has to complete the opening handshake"),
+    Setting("max_registrations", 100000, LISTENER, positive,
+            "registrations at most; more get TooManyRegistrations"),
+    Setting("max_sockets_per_registration", 1024, LISTENER, positive,
+            "sockets per registration at most; more get TooManyConnections"),
+    Setting("max_send_buffer", 8 * 1024 * 1024, LISTENER, positive,
+            "bytes waiting for one receiver before it is closed with 1008"),
+)
+
+
+def make_service(settings: Mapping[str, Any], context: Context) -> ModeService:
+    return RouterService(settings, context)

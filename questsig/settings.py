@@ -1,0 +1,109 @@
+"""Settings: how a mode declares the keys of its config table, and the parsers for their values.
+
+Every mode's face (``questsig/<mode>/__init__.py``) declares ``SETTINGS``, a tuple of
+:class:`Setting`; :mod:`questsig.config` resolves them from the built-in defaults, the TOML file
+and the command line. A parser turns the TOML value into the stored one or raises ``ValueError``
+with a short reason, which start-up reports as one line.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable
+
+LISTENER = "listener"
+MODE = "mode"
+
+
+class ConfigError(Exception):
+    """A configuration mistake, reported at start-up as one clear line."""
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One key of a mode's config table.
+
+    ``name`` is spelled as the mode's spec spells it; in config files and ``--set`` options
+    ``-`` and ``_`` are interchangeable. ``parse`` turns the TOML value into the stored one and
+    raises ``ValueError`` with a short reason for a bad value. ``scope`` is :data:`LISTENER`
+    (per mount) or :data:`MODE` (one value for the whole process).
+    """
+
+    name: str
+    default: Any
+    scope: str = LISTENER
+    parse: Callable[[Any], Any] = lambda v: v
+    help: str = ""
+
+    @property
+    def key(self) -> str:
+        return normalise_key(self.name)
+
+
+def normalise_key(name: str) -> str:
+    return name.replace("_", "-").lower()
+
+
+def defaults(settings: Iterable[Setting]) -> dict[str, Any]:
+    """The built-in value of every setting, by its name: what :mod:`questsig.config` resolves
+    when nothing overrides it (runtime dataclasses and tests build from this)."""
+    return {s.name: s.default for s in settings}
+
+
+def seconds(value: Any) -> float:
+    """A non-negative number of seconds (0 usually means off)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+        raise ValueError("must be a non-negative number of seconds")
+    return float(value)
+
+
+def count(value: Any) -> int:
+    """A non-negative integer."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError("must be a non-negative integer")
+    return value
+
+
+def positive(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError("must be a positive integer")
+    return value
+
+
+def boolean(value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.lower() in ("true", "yes", "on", "1", "false", "no", "off", "0"):
+        return value.lower() in ("true", "yes", "on", "1")
+    raise ValueError("must be true or false")
+
+
+def text(value: Any) -> str:
+    if not isinstance(value, str):
+        raise ValueError("must be a string")
+    return value
+
+
+def optional_text(value: Any) -> str | None:
+    if value is None or value == "":
+        return None
+    return text(value)
+
+
+def origins(value: Any) -> tuple[str, ...]:
+    """Web origins (``scheme://host[:port]``) allowed to open WebSockets; empty = any."""
+    if not isinstance(value, (list, tuple)) or not all(isinstance(o, str) for o in value):
+        raise ValueError('must be a list of origins, e.g. ["https://app.example"]')
+    for origin in value:
+        scheme, sep, rest = origin.partition("://")
+        if not sep or not scheme or not rest or "/" in rest:
+            raise ValueError(f"{origin!r} is not an origin (scheme://host[:port])")
+    return tuple(o.lower() for o in value)
+
+
+def choice(*options: str) -> Callable[[Any], str]:
+    def parse(value: Any) -> str:
+        if not isinstance(value, str) or value not in options:
+            raise ValueError("must be one of " + ", ".join(repr(o) for o in options))
+        return value
+
+    return parse
