@@ -25,6 +25,9 @@ from questsig import config
 from questsig.tap import QuestsigService
 
 LOCAL = "tcp:0:interface=127.0.0.1"
+ROOT = Path(__file__).resolve().parent.parent
+# child processes (twistd, python -m questsig...) run this checkout's code, never a stale install
+os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
 _thread: threading.Thread | None = None
 
 

@@ -18,7 +18,7 @@ import pytest
 import websockets
 
 from clients import closed_with, nothing_arrives, recv
-from test_sigver_core import compile_spec_proto
+from sigver.test_core import compile_spec_proto
 
 ERR_KEY, ERR_HEARTBEAT, ERR_MESSAGE, ERR_BLOCKING_MEMBER = 4001, 4002, 4003, 4004
 IS_END, IS_ERROR = b"\x20\x01", b"\x18\x01"  # sigver 18's Content fields 4 and 3, set to true
@@ -600,7 +600,7 @@ NETFLUX = Path(__file__).resolve().parent / "netflux"
 
 def netflux_modules() -> Path:
     """node_modules with Netflux 3.0.0, ws 3.3.3 as uws and @roamhq/wrtc as wrtc, installed from
-    tests/netflux/package-lock.json once into a cache directory outside the checkout."""
+    tests/sigver/netflux/package-lock.json once into a cache directory outside the checkout."""
     if shutil.which("node") is None or shutil.which("npm") is None:
         pytest.skip("Node.js and npm are needed to run real Netflux clients")
     lock = (NETFLUX / "package-lock.json").read_bytes()

@@ -8,7 +8,7 @@ import random
 import pytest
 from twisted.internet.task import Clock
 
-from fledger_nodes import (A_B64, A_HEX, A_INFO, B_HEX, C_HEX, CHALLENGE, MODULES_010, S64, S_HEX,
+from fledger.nodes import (A_B64, A_HEX, A_INFO, B_HEX, C_HEX, CHALLENGE, MODULES_010, S64, S_HEX,
                            Key, announce, challenge_of, listed, node_info, peer_setup)
 from questsig import config
 from questsig.settings import ConfigError

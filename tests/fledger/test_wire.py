@@ -12,7 +12,7 @@ import pytest
 import websockets
 
 from clients import RawWebSocket, closed_with, nothing_arrives, recv
-from fledger_nodes import (A_INFO, A_HEX, B_HEX, CHALLENGE, S64, S_HEX, Key, announce,
+from fledger.nodes import (A_INFO, A_HEX, B_HEX, CHALLENGE, S64, S_HEX, Key, announce,
                            challenge_of, listed, node_info, peer_setup)
 
 LOCAL = "tcp:0:interface=127.0.0.1"

@@ -21,7 +21,7 @@ from questsig.settings import ConfigError
 from questsig.hub.push import (DAY, EXPIRY_INTERVAL, MAX_IN_FLIGHT, MAX_QUEUED, InvalidSubscription,
                            PushService, PushSettings, Subscription, SubscriptionStore, Vapid)
 from questsig.sqlite import SchemaMismatch
-from webpush_stub import Browser, Delivery, check_vapid, decrypt
+from hub.webpush_stub import Browser, Delivery, check_vapid, decrypt
 
 SUBJECT = "mailto:ops@example.com"
 
@@ -258,7 +258,7 @@ def test_a_trickling_push_service_is_cut_off_at_push_timeout(
 
     import requests
 
-    from webpush_stub import make_certificate
+    from hub.webpush_stub import make_certificate
 
     listener = socket.create_server(("127.0.0.1", 0))
     context = None
@@ -712,6 +712,6 @@ def test_genkey_runs_as_a_module(tmp_path: Path) -> None:
     path = tmp_path / "cli.pem"
     done = subprocess.run([sys.executable, "-m", "questsig.hub.push", "genkey", str(path)],
                           capture_output=True, text=True, timeout=60,
-                          cwd=Path(__file__).parent.parent)
+                          cwd=Path(__file__).parent.parent.parent)
     assert done.returncode == 0, done.stderr
     assert Vapid(push.load_vapid_key(str(path)), SUBJECT).public_key in done.stdout

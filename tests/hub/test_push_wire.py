@@ -21,7 +21,7 @@ from clients import nothing_arrives, recv
 from questsig import config
 from questsig.settings import ConfigError
 from questsig.hub.push import generate_key
-from webpush_stub import PushServiceStub, make_certificate
+from hub.webpush_stub import PushServiceStub, make_certificate
 
 SUBJECT = "mailto:ops@example.com"
 EXPECTED_PAYLOAD = ('{"actions":[{"action":"allowConnection","title":"✔️ Allow"},'
