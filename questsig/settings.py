@@ -107,3 +107,40 @@ def choice(*options: str) -> Callable[[Any], str]:
         return value
 
     return parse
+
+
+# -- the WebSocket limits every mode shares --------------------------------------------------------
+
+#: the one spelling of each shared WebSocket limit (config files may use ``_`` for ``-``)
+MAX_MESSAGE_SIZE = "max-message-size"
+PING_INTERVAL = "ping-interval"
+PING_TIMEOUT = "ping-timeout"
+OPEN_HANDSHAKE_TIMEOUT = "open-handshake-timeout"
+MAX_SEND_BUFFER = "max-send-buffer"
+ORIGINS = "origins"
+
+DEFAULT_OPEN_HANDSHAKE_TIMEOUT = 10.0
+DEFAULT_MAX_SEND_BUFFER = 8 * 1024 * 1024
+
+
+def websocket_limits(*, max_message_size: int, ping_interval: float, ping_timeout: float,
+                     open_handshake_timeout: float = DEFAULT_OPEN_HANDSHAKE_TIMEOUT,
+                     max_send_buffer: int = DEFAULT_MAX_SEND_BUFFER,
+                     too_slow: str = "is disconnected") -> tuple[Setting, ...]:
+    """The listener-scope WebSocket limits, declared once for every mode; each mode passes its
+    own defaults (its spec's) and what happens to a receiver that reads too slowly."""
+    return (
+        Setting(MAX_MESSAGE_SIZE, max_message_size, LISTENER, positive,
+                "largest frame and reassembled message in bytes; bigger ones close with 1009"),
+        Setting(PING_INTERVAL, ping_interval, LISTENER, seconds,
+                "seconds between keepalive Pings; 0 = off"),
+        Setting(PING_TIMEOUT, ping_timeout, LISTENER, seconds,
+                "seconds to wait for the Pong (or any frame) before dropping the connection"),
+        Setting(OPEN_HANDSHAKE_TIMEOUT, open_handshake_timeout, LISTENER, seconds,
+                "seconds from TCP accept to a complete opening handshake"),
+        Setting(MAX_SEND_BUFFER, max_send_buffer, LISTENER, positive,
+                f"bytes allowed to pile up unsent to one receiver; past it the receiver {too_slow}"),
+        Setting(ORIGINS, (), LISTENER, origins,
+                "if set, browsers may connect only from these origins (others get 403); "
+                "clients that send no Origin are not refused"),
+    )

@@ -37,7 +37,8 @@ from twisted.web.server import NOT_DONE_YET
 from zope.interface import implementer
 
 from questsig.app import Mount
-from questsig.settings import normalise_key
+from questsig import settings
+from questsig.settings import DEFAULT_MAX_SEND_BUFFER, DEFAULT_OPEN_HANDSHAKE_TIMEOUT
 
 log = Logger()
 
@@ -84,9 +85,6 @@ POLICY_VIOLATION = 1008
 MESSAGE_TOO_BIG = 1009
 INTERNAL_ERROR = 1011
 
-DEFAULT_MAX_SEND_BUFFER = 8 * 1024 * 1024
-#: the opening-handshake limit of modes without an ``open_handshake_timeout`` setting
-DEFAULT_OPEN_HANDSHAKE_TIMEOUT = 10.0
 
 
 @dataclass(frozen=True)
@@ -376,17 +374,17 @@ def close_frame_fault(code: int | None, reason: bytes | None) -> tuple[int, str]
     return None
 
 
-#: mount settings that are WebSocket limits, named as make_factory's keyword arguments
-_LIMITS = ("max_message_size", "ping_interval", "ping_timeout", "open_handshake_timeout",
-           "max_send_buffer")
+#: the shared WebSocket limits (:func:`questsig.settings.websocket_limits`), as make_factory's
+#: keyword arguments
+_LIMITS = {settings.MAX_MESSAGE_SIZE: "max_message_size", settings.PING_INTERVAL: "ping_interval",
+           settings.PING_TIMEOUT: "ping_timeout",
+           settings.OPEN_HANDSHAKE_TIMEOUT: "open_handshake_timeout",
+           settings.MAX_SEND_BUFFER: "max_send_buffer"}
 
 
-def limits(settings: Mapping[str, Any]) -> dict[str, Any]:
-    """The WebSocket limits among a mount's settings (each spec spells them with ``-`` or
-    ``_``), as keyword arguments for :func:`make_factory`."""
-    by_key = {normalise_key(key): value for key, value in settings.items()}
-    return {name: by_key[normalise_key(name)] for name in _LIMITS
-            if normalise_key(name) in by_key}
+def limits(mount_settings: Mapping[str, Any]) -> dict[str, Any]:
+    """A mount's WebSocket limits as keyword arguments for :func:`make_factory`."""
+    return {arg: mount_settings[key] for key, arg in _LIMITS.items() if key in mount_settings}
 
 
 def make_factory(protocol: type[Connection], connections: ConnectionSet, *,

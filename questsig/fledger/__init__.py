@@ -10,7 +10,7 @@ from typing import Any, Mapping
 from questsig.app import Context, ModeService
 from questsig.fledger.adapter import FledgerService
 from questsig.fledger.core import _dialect, _node_ttl, system_realm
-from questsig.settings import LISTENER, MODE, Setting, boolean, choice, count, positive, seconds
+from questsig.settings import LISTENER, MODE, Setting, boolean, choice, count, websocket_limits
 
 NAME = "fledger"
 DEFAULT_PREFIX = "/fledger"
@@ -19,11 +19,6 @@ DEFAULT_PREFIX = "/fledger"
 SETTINGS: tuple[Setting, ...] = (
     Setting("dialect", "auto", LISTENER, _dialect,
             "release family: 'auto' (detected from the first Announce) or a fixed one"),
-    Setting("ping-interval", 0.0, LISTENER, seconds, "seconds between Pings; 0 = off"),
-    Setting("ping-timeout", 30.0, LISTENER, seconds,
-            "seconds to wait for a Pong before dropping TCP"),
-    Setting("max-message-size", 1048576, LISTENER, positive,
-            "bigger messages close with 1009"),
     Setting("node-ttl", 180.0, MODE, _node_ttl,
             "seconds without a text frame after which a connection expires (at least 10)"),
     Setting("expire-action", "drop", MODE, choice("drop", "keep"),
@@ -34,6 +29,7 @@ SETTINGS: tuple[Setting, ...] = (
             "cap on ListIDsReply answers to requests; 0 = all nodes"),
     Setting("announce-broadcast", True, MODE, boolean,
             "0.10: push the full list to every other node on each announce"),
+    *websocket_limits(max_message_size=1048576, ping_interval=0.0, ping_timeout=30.0),
 )
 
 

@@ -12,7 +12,7 @@ from questsig.app import Context, ModeService
 from questsig.hub.adapter import HubService
 from questsig.hub.core import _hosts
 from questsig.settings import (LISTENER, MODE, Setting, boolean, choice, count, optional_text,
-                               origins, positive, seconds, text)
+                               seconds, text, websocket_limits)
 
 NAME = "hub"
 DEFAULT_PREFIX = "/hub"
@@ -25,12 +25,6 @@ SETTINGS: tuple[Setting, ...] = (
             "field naming the one-to-one and push target"),
     Setting("json-errors", "allow", LISTENER, choice("allow", "off"),
             "may clients opt in to JSON error frames with errors=json"),
-    Setting("ping-interval", 30.0, LISTENER, seconds, "seconds between Pings; 0 = off"),
-    Setting("ping-timeout", 30.0, LISTENER, seconds, "seconds to wait for a Pong"),
-    Setting("max-message-size", 1048576, LISTENER, positive,
-            "bigger messages close with 1009"),
-    Setting("origins", (), LISTENER, origins,
-            "if set, browsers may connect only from these origins (others get 403)"),
     Setting("max-connections", 0, MODE, count, "cap on open hub connections; 0 = unlimited"),
     Setting("push-vapid-key", None, MODE, optional_text,
             "PEM file with the VAPID P-256 private key"),
@@ -52,6 +46,7 @@ SETTINGS: tuple[Setting, ...] = (
             "if set, push endpoint hosts must equal or end with one of these"),
     Setting("push-allow-private", False, MODE, boolean,
             "allow http:// and private or loopback push endpoints (testing only)"),
+    *websocket_limits(max_message_size=1048576, ping_interval=30.0, ping_timeout=30.0),
 )
 
 

@@ -9,7 +9,7 @@ from typing import Any, Mapping
 
 from questsig.app import Context, ModeService
 from questsig.relay.adapter import RelayService
-from questsig.settings import LISTENER, Setting, boolean, choice, positive, seconds
+from questsig.settings import LISTENER, Setting, boolean, choice, positive, websocket_limits
 
 NAME = "pair-relay"
 DEFAULT_PREFIX = "/relay"
@@ -20,17 +20,10 @@ SETTINGS: tuple[Setting, ...] = (
             "binary frames: 'relay' to the peer, or 'echo' back to the sender (upstream)"),
     Setting("strict_control", False, LISTENER, boolean,
             "refuse client text starting with /remote:, /status: or /error: (error 0002)"),
-    Setting("max_message_size", 65536, LISTENER, positive,
-            "largest frame and reassembled message, bytes; bigger closes with 1009"),
     Setting("max_id_length", 256, LISTENER, positive,
             "longest id in bytes after percent-decoding; longer gets 404"),
-    Setting("ping_interval", 30.0, LISTENER, seconds, "seconds between Pings; 0 = off"),
-    Setting("ping_timeout", 20.0, LISTENER, seconds,
-            "seconds to wait for the Pong (or any frame) before aborting"),
-    Setting("open_handshake_timeout", 10.0, LISTENER, seconds,
-            "seconds from TCP accept to a complete handshake"),
-    Setting("max_send_buffer", 8 * 1024 * 1024, LISTENER, positive,
-            "bytes allowed to pile up unsent to one receiver; more closes it with 1008"),
+    *websocket_limits(max_message_size=65536, ping_interval=30.0, ping_timeout=20.0,
+                      too_slow="is closed with 1008"),
 )
 
 

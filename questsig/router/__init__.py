@@ -11,7 +11,7 @@ from questsig.app import Context, ModeService
 from questsig.router.adapter import RouterService
 from questsig.router.core import _id_length, _modes
 from questsig.settings import (LISTENER, Setting, boolean, choice, optional_text, positive, seconds,
-                               text)
+                               text, websocket_limits)
 
 NAME = "router"
 DEFAULT_PREFIX = "/router"
@@ -41,20 +41,12 @@ SETTINGS: tuple[Setting, ...] = (
             "bearer token for /stats; unset = /stats answers 404"),
     Setting("error_status", "upstream", LISTENER, choice("upstream", "semantic"),
             "status codes of application errors: upstream's (mostly 500) or accurate ones"),
-    Setting("max_message_size", 1048576, LISTENER, positive,
-            "largest frame and message in bytes; bigger ones close with 1009"),
-    Setting("ping_interval", 30.0, LISTENER, seconds,
-            "seconds between keepalive Pings; 0 = off"),
-    Setting("ping_timeout", 20.0, LISTENER, seconds,
-            "seconds after a Ping without any inbound frame before the TCP is aborted"),
-    Setting("open_handshake_timeout", 10.0, LISTENER, seconds,
-            "seconds a client has to complete the opening handshake"),
     Setting("max_registrations", 100000, LISTENER, positive,
             "registrations at most; more get TooManyRegistrations"),
     Setting("max_sockets_per_registration", 1024, LISTENER, positive,
             "sockets per registration at most; more get TooManyConnections"),
-    Setting("max_send_buffer", 8 * 1024 * 1024, LISTENER, positive,
-            "bytes waiting for one receiver before it is closed with 1008"),
+    *websocket_limits(max_message_size=1048576, ping_interval=30.0, ping_timeout=20.0,
+                      too_slow="is closed with 1008"),
 )
 
 

@@ -9,7 +9,7 @@ from typing import Any, Mapping
 
 from questsig.app import Context, ModeService
 from questsig.sigver.adapter import SigverService
-from questsig.settings import LISTENER, Setting, positive, seconds
+from questsig.settings import LISTENER, Setting, positive, seconds, websocket_limits
 
 NAME = "sigver"
 DEFAULT_PREFIX = "/sigver"
@@ -20,11 +20,11 @@ SETTINGS: tuple[Setting, ...] = (
             "seconds between the server's heartbeats; 0 = no heartbeats"),
     Setting("heartbeat-misses", 3, LISTENER, positive,
             "heartbeats a peer may leave unanswered; the next one closes it with 4002"),
-    Setting("max-message-size", 1048576, LISTENER, positive,
-            "bigger messages close with 1009"),
     Setting("first-frame-delay", 0.05, LISTENER, seconds,
             "seconds to hold a connection's first frames after the handshake, so that Netflux "
             "in Node sees isFirst; 0 = send at once"),
+    # the mode's own heartbeat keeps connections alive: WebSocket Pings are off by default
+    *websocket_limits(max_message_size=1048576, ping_interval=0.0, ping_timeout=30.0),
 )
 
 

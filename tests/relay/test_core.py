@@ -311,8 +311,8 @@ def test_settings_declared() -> None:
     """The mode declares every key of spec §8 with the spec's defaults."""
     defaults = {s.name: s.default for s in relay_mode.SETTINGS}
     assert defaults == {
-        "binary": "relay", "strict_control": False, "max_message_size": 65536,
-        "max_id_length": 256, "ping_interval": 30.0, "ping_timeout": 20.0,
-        "open_handshake_timeout": 10.0, "max_send_buffer": 8 * 1024 * 1024,
+        "binary": "relay", "strict_control": False, "max-message-size": 65536,
+        "max_id_length": 256, "ping-interval": 30.0, "ping-timeout": 20.0,
+        "open-handshake-timeout": 10.0, "max-send-buffer": 8 * 1024 * 1024, "origins": (),
     }
     assert relay_mode.NAME == "pair-relay" and relay_mode.DEFAULT_PREFIX == "/relay"
