@@ -22,7 +22,7 @@ import websockets
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from hub_bench import round_trips, start_server, stream  # noqa: E402  shared with the hub's
 
-from questsig.sigver.core import content_frame, decode  # noqa: E402
+from questsig.sigver.codec import content_frame, decode  # noqa: E402
 
 
 async def pair_relay(port: int, count: int) -> None:

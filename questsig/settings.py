@@ -22,7 +22,7 @@ class ConfigError(Exception):
 class Setting:
     """One key of a mode's config table.
 
-    ``name`` is spelled as the mode's spec spells it; in config files and ``--set`` options
+    ``name`` is spelled as the mode's protocol reference spells it; in config files and ``--set`` options
     ``-`` and ``_`` are interchangeable. ``parse`` turns the TOML value into the stored one and
     raises ``ValueError`` with a short reason for a bad value. ``scope`` is :data:`LISTENER`
     (per mount) or :data:`MODE` (one value for the whole process).
@@ -128,7 +128,7 @@ def websocket_limits(*, max_message_size: int, ping_interval: float, ping_timeou
                      max_send_buffer: int = DEFAULT_MAX_SEND_BUFFER,
                      too_slow: str = "is disconnected") -> tuple[Setting, ...]:
     """The listener-scope WebSocket limits, declared once for every mode; each mode passes its
-    own defaults (its spec's) and what happens to a receiver that reads too slowly."""
+    own defaults (its protocol's) and what happens to a receiver that reads too slowly."""
     return (
         Setting(MAX_MESSAGE_SIZE, max_message_size, LISTENER, positive,
                 "largest frame and reassembled message in bytes; bigger ones close with 1009"),

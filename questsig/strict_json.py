@@ -1,4 +1,4 @@
-"""Strict RFC 8259 JSON, as the hub (spec hub.md §4.1) and fledger read client frames.
+"""Strict RFC 8259 JSON, as the hub and fledger read client frames.
 
 Python's ``json`` accepts ``NaN``/``Infinity``, lone surrogate escapes and nesting as deep as
 the interpreter's stack; these are refused here. Duplicate keys: the last wins.

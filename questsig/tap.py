@@ -1,20 +1,18 @@
 """``twistd questsig``: command-line options and the composition of the service tree."""
 from __future__ import annotations
 
-import re
-import resource as rlimit
 from typing import Any
 
 from twisted.application import service
-from twisted.application.internet import StreamServerEndpointService
-from twisted.internet import defer, endpoints
-from twisted.internet.error import CannotListenError
+from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.python import usage
 
 from questsig import __version__, app, client, config
 from questsig.config import Config
 from questsig.app import Context
+from questsig.listeners import (ListenerService, describe_port, parse_endpoints,
+                                raise_open_file_limit)
 from questsig.settings import ConfigError
 from questsig.web import build_site
 from questsig.websocket import ConnectionSet
@@ -50,7 +48,7 @@ class Options(usage.Options):
 
     def opt_endpoint(self, value: str) -> None:
         """Twisted server endpoint string, repeatable (default tcp:8000), e.g.
-        tcp:8000, ssl:443:privateKey=k.pem:certKey=c.pem:extraCertChain=chain.pem,
+        tcp:8000, ssl:443:privateKey=key.pem:certKey=fullchain.pem,
         systemd:domain=INET:index=0."""
         self["endpoints"].append(value)
 
@@ -64,6 +62,7 @@ class Options(usage.Options):
         self["sets"].append(value)
 
     def opt_version(self) -> None:
+        """Print the questsig version and exit."""
         print(f"questsig {__version__}")
         raise SystemExit(0)
 
@@ -89,80 +88,15 @@ class Options(usage.Options):
                                       overrides=self.overrides())
             self.endpoints = parse_endpoints(self.config)
         except ConfigError as e:
-            raise usage.UsageError(str(e)) from None
+            # twistd answers a UsageError with the whole --help text, which buries the one line
+            # that matters; SystemExit prints just that line and exits with status 1
+            raise SystemExit(f"questsig: {e}") from None
 
 
-def parse_endpoints(cfg: Config, reactor: Any = None) -> list[Any]:
-    """Parse every endpoint string once, before any service starts, so that a typo, or a
-    ``systemd:`` index with no socket passed (systemd 227+ sets LISTEN_FDS, LISTEN_PID and
-    LISTEN_FDNAMES), fails the start with its own message."""
-    if reactor is None:
-        from twisted.internet import reactor
-    parsed = []
-    for listener in cfg.listeners:
-        try:
-            parsed.append(with_full_chain(endpoints.serverFromString(reactor, listener.endpoint),
-                                          listener.endpoint))
-        except IndexError:
-            raise ConfigError(f"bad endpoint {listener.endpoint!r}: no such socket was passed "
-                              "by systemd (LISTEN_FDS)") from None
-        except (ValueError, TypeError, KeyError) as e:
-            raise ConfigError(f"bad endpoint {listener.endpoint!r}: {e}") from None
-    return parsed
-
-
-_PEM_CERTIFICATE = re.compile(
-    rb"-----BEGIN CERTIFICATE-----\r?\n.+?\r?\n-----END CERTIFICATE-----", re.DOTALL)
-
-
-def with_full_chain(endpoint: Any, description: str) -> Any:
-    """Let an ``ssl:`` certKey file hold the whole chain, leaf first (a "fullchain.pem" as ACME
-    clients write it). Twisted serves only that file's first certificate unless
-    ``extraCertChain`` names a chain file; without one, the rest of the file is the chain."""
-    from twisted.internet.endpoints import _parse
-    from twisted.internet.ssl import Certificate
-
-    try:
-        args, kwargs = _parse(description)
-    except Exception:
-        return endpoint
-    options = getattr(endpoint, "_sslContextFactory", None)
-    if not args or args[0] != "ssl" or "extraCertChain" in kwargs or options is None:
-        return endpoint
-    cert_file = kwargs.get("certKey") or kwargs.get("privateKey") or "server.pem"
-    try:
-        with open(cert_file, "rb") as f:
-            pems = _PEM_CERTIFICATE.findall(f.read())
-    except OSError:
-        return endpoint
-    if len(pems) > 1 and not options.extraCertChain:
-        options.extraCertChain = [Certificate.loadPEM(pem).original for pem in pems[1:]]
-    return endpoint
-
-
-class ListenerService(StreamServerEndpointService):
-    """One endpoint serving one Site. Like ``strports.service``, a port that cannot be bound
-    fails the start instead of leaving a process that listens on nothing."""
-
-    _raiseSynchronously = True
-
-    def __init__(self, endpoint_string: str, endpoint: Any, factory: Any):
-        super().__init__(endpoint, factory)
-        self.endpoint_string = endpoint_string
-        self.port: Any = None
-
-    def privilegedStartService(self) -> None:
-        try:
-            super().privilegedStartService()
-        except CannotListenError as e:
-            # one clear line and a non-zero exit, rather than a traceback
-            raise SystemExit(f"questsig: cannot listen on {self.endpoint_string}: "
-                             f"{e.socketError}") from None
-        self._waitingForPort.addCallback(self._listening)
-
-    def _listening(self, port: Any) -> Any:
-        self.port = port
-        return port
+# usage.Options shows an option's docstring as it is written, indentation included
+for _name, _method in vars(Options).items():
+    if _name.startswith("opt_") and _method.__doc__:
+        _method.__doc__ = " ".join(_method.__doc__.split())
 
 
 class QuestsigService(service.MultiService):
@@ -220,26 +154,6 @@ class QuestsigService(service.MultiService):
         yield defer.DeferredList([defer.maybeDeferred(m.stopService)
                                   for m in reversed(list(self.modes.values())) if m.running])
         log.info("questsig stopped")
-
-
-def describe_port(port: Any) -> str:
-    try:
-        return f" (port {port.getHost().port})"
-    except Exception:
-        return ""
-
-
-def raise_open_file_limit(wanted: int = 0) -> None:
-    """Long-lived signaling servers hold one descriptor per client: use what the system allows."""
-    try:
-        soft, hard = rlimit.getrlimit(rlimit.RLIMIT_NOFILE)
-        target = hard if wanted == 0 else min(wanted, hard) if hard != rlimit.RLIM_INFINITY else wanted
-        if target == rlimit.RLIM_INFINITY:
-            target = 1 << 20
-        if target > soft:
-            rlimit.setrlimit(rlimit.RLIMIT_NOFILE, (target, hard))
-    except (ValueError, OSError):
-        pass
 
 
 def makeService(options: Options, reactor: Any = None) -> QuestsigService:

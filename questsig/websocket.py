@@ -16,8 +16,8 @@ A mode's protocol subclasses :class:`Connection`, which is what the mode's core 
 * Autobahn still delivers messages after a Close was sent, and ``connectionLost`` comes a round
   trip later: :meth:`Connection.closed` runs as soon as closing starts, so a closing connection
   reaches nobody.
-* An exception in ``onMessage`` would drop TCP with a traceback; here it closes only that
-  connection with 1011.
+* An exception in ``onMessage`` would drop TCP with a traceback, and one in ``onOpen`` would
+  leave the socket open and silent; here either closes only that connection with 1011.
 * Autobahn's own warnings name the client's address: they are logged only with request logging.
 """
 from __future__ import annotations
@@ -208,7 +208,7 @@ class Connection(WebSocketServerProtocol):
             # a handshake that completed after shutdown closed every socket
             self.close(GOING_AWAY, "server shutting down")
             return
-        self.opened()
+        self._contained("failed to open a connection", self.opened)
 
     def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
         self.factory.connections.discard(self)
@@ -247,11 +247,14 @@ class Connection(WebSocketServerProtocol):
         return super().onCloseFrame(code, reasonRaw)
 
     def _onMessage(self, payload: bytes, isBinary: bool) -> None:
+        self._contained("failed to handle a message", self.onMessage, payload, isBinary)
+
+    def _contained(self, failure: str, handler: Callable[..., None], *args: Any) -> None:
         try:
-            self.onMessage(payload, isBinary)
+            handler(*args)
         except Exception:
             # a bug must cost only this connection, never the process or the other clients
-            log.failure("failed to handle a message")
+            log.failure(failure)
             self.close(INTERNAL_ERROR, "internal error")
 
     # -- for subclasses -----------------------------------------------------------------------
@@ -308,7 +311,7 @@ class Connection(WebSocketServerProtocol):
 
     def send_buffer_overflow(self) -> None:
         """The receiver let more than ``max_send_buffer`` bytes pile up unsent; modes whose
-        spec names a close code for this override it (e.g. 1008 ``send buffer overflow``)."""
+        protocol names a close code for this override it (e.g. 1008 ``send buffer overflow``)."""
         self.abort()
 
     def close(self, code: int = 1000, reason: str = "") -> None:
@@ -444,14 +447,9 @@ class WebSocketResource(Resource):
         self._admit = admit
         self._plain = plain
 
-    def render(self, request: Any) -> Any:
-        if not is_upgrade(request) or request.channel.transport is None:
-            if self._plain is not None:
-                return self._plain(request)
-            request.setResponseCode(426)
-            request.setHeader(b"upgrade", b"websocket")
-            request.setHeader(b"content-type", b"text/plain; charset=utf-8")
-            return b"This is a WebSocket endpoint.\n"
+    def origin_refusal(self, request: Any) -> bytes | None:
+        """The 403 answer (status and headers set) to a browser from an origin the mount's
+        ``origins`` does not list, or None. Modes that admit before the upgrade ask first."""
         allowed = self.mount.settings.get("origins")
         if allowed:
             # Browsers always send Origin: a page from elsewhere cannot use a visitor's browser
@@ -461,6 +459,19 @@ class WebSocketResource(Resource):
                 request.setResponseCode(403)
                 request.setHeader(b"content-type", b"text/plain; charset=utf-8")
                 return b"Origin not allowed\n"
+        return None
+
+    def render(self, request: Any) -> Any:
+        if not is_upgrade(request) or request.channel.transport is None:
+            if self._plain is not None:
+                return self._plain(request)
+            request.setResponseCode(426)
+            request.setHeader(b"upgrade", b"websocket")
+            request.setHeader(b"content-type", b"text/plain; charset=utf-8")
+            return b"This is a WebSocket endpoint.\n"
+        refused = self.origin_refusal(request)
+        if refused is not None:
+            return refused
         if self._admit is not None:
             refusal = self._admit(request)
             if refusal is not None:

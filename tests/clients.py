@@ -1,13 +1,14 @@
-"""Client-side helpers for end-to-end tests: timeouts around `websockets`, and a raw WebSocket
-handshake for what `websockets` will not send (odd request-targets, clients that never answer
-Pings)."""
+"""Client-side helpers for end-to-end tests: timeouts around `websockets`, and the one raw
+HTTP/WebSocket client for what `websockets` will not send or hides (exact request bytes, odd
+request-targets, reason phrases, clients that never answer Pings)."""
 from __future__ import annotations
 
 import asyncio
 import base64
 import os
 import socket
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Iterator
 
 import websockets
 
@@ -46,6 +47,102 @@ async def echo_round_trip(ws: Any) -> None:
         pass
 
 
+# -- raw HTTP --------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Response:
+    """An HTTP answer as it came off the socket; unpacks and indexes as (status, headers, body)."""
+    status: int
+    headers: dict[str, str]  # names lower-cased; a repeated header keeps its last value
+    body: bytes
+    line: bytes  # the status line, reason phrase included
+
+    def __iter__(self) -> Iterator[Any]:
+        return iter((self.status, self.headers, self.body))
+
+    def __getitem__(self, index: int | slice) -> Any:
+        return tuple(self)[index]
+
+
+def request(method: str, target: str | bytes, headers: dict[str, str] | None = None) -> bytes:
+    """An HTTP/1.1 request with exactly the given headers, plus Host."""
+    if isinstance(target, str):
+        target = target.encode()
+    head = method.encode() + b" " + target + b" HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+    for name, value in (headers or {}).items():
+        head += f"{name}: {value}\r\n".encode()
+    return head + b"\r\n"
+
+
+def handshake(target: bytes = b"/room", method: bytes = b"GET", drop: tuple[bytes, ...] = (),
+              **replace: bytes) -> bytes:
+    """A WebSocket opening handshake request; ``drop`` removes headers, keywords replace
+    values (``Sec_WebSocket_Version=b"8"``)."""
+    headers = {b"Host": b"127.0.0.1", b"Upgrade": b"websocket", b"Connection": b"Upgrade",
+               b"Sec-WebSocket-Version": b"13", b"Sec-WebSocket-Key": b"dGhlIHNhbXBsZSBub25jZQ=="}
+    for name, value in replace.items():
+        headers[name.replace("_", "-").encode()] = value
+    lines = [method + b" " + target + b" HTTP/1.1"]
+    lines += [name + b": " + value for name, value in headers.items() if name not in drop]
+    return b"\r\n".join(lines) + b"\r\n\r\n"
+
+
+async def http(port: int, raw_request: bytes, timeout: float = TIMEOUT) -> Response:
+    """Send ``raw_request`` as it is on a new connection to 127.0.0.1; the answer (no
+    redirects followed)."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(raw_request)
+        await writer.drain()
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), timeout)
+        line, *lines = head[:-4].split(b"\r\n")
+        headers = {}
+        for header in lines:
+            name, _, value = header.partition(b":")
+            headers[name.strip().lower().decode("latin-1")] = value.strip().decode("latin-1")
+        status = int(line.split(b" ")[1])
+        body = await asyncio.wait_for(_body(reader, raw_request, status, headers), TIMEOUT)
+        return Response(status, headers, body, line)
+    finally:
+        writer.close()
+
+
+async def _body(reader: asyncio.StreamReader, raw_request: bytes, status: int,
+                headers: dict[str, str]) -> bytes:
+    if raw_request.startswith(b"HEAD ") or status < 200 or status in (204, 304):
+        return b""
+    if "content-length" in headers:
+        return await reader.readexactly(int(headers["content-length"]))
+    if headers.get("transfer-encoding", "").lower() == "chunked":
+        body = b""
+        while size := int((await reader.readuntil(b"\r\n")).split(b";")[0], 16):
+            body += await reader.readexactly(size)
+            await reader.readexactly(2)
+        await reader.readuntil(b"\r\n")  # no trailers are sent
+        return body
+    return await reader.read()  # delimited by the end of the connection
+
+
+async def fetch(port: int, target: str | bytes, method: str = "GET",
+                headers: dict[str, str] | None = None, timeout: float = TIMEOUT) -> Response:
+    """One request made with :func:`request`; the answer."""
+    return await http(port, request(method, target, headers), timeout)
+
+
+# -- raw WebSocket ---------------------------------------------------------------------------------
+
+async def read_frame(reader: asyncio.StreamReader,
+                     timeout: float = TIMEOUT) -> tuple[bool, int, bytes]:
+    """One unmasked server frame as (fin, opcode, payload)."""
+    first = await asyncio.wait_for(reader.readexactly(2), timeout)
+    n = first[1] & 0x7F
+    if n == 126:
+        n = int.from_bytes(await reader.readexactly(2), "big")
+    elif n == 127:
+        n = int.from_bytes(await reader.readexactly(8), "big")
+    return bool(first[0] & 0x80), first[0] & 0x0F, await reader.readexactly(n)
+
+
 class RawWebSocket:
     """A hand-made client: sends any request-target, never answers Pings unless asked."""
 
@@ -67,9 +164,7 @@ class RawWebSocket:
         else:
             reader, writer = await asyncio.open_connection("127.0.0.1", port)
         key = base64.b64encode(os.urandom(16))
-        writer.write(b"GET " + target + b" HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n"
-                     b"Connection: Upgrade\r\nSec-WebSocket-Key: " + key +
-                     b"\r\nSec-WebSocket-Version: 13\r\n" + headers + b"\r\n")
+        writer.write(handshake(target, Sec_WebSocket_Key=key)[:-2] + headers + b"\r\n")
         await writer.drain()
         head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), TIMEOUT)
         return cls(reader, writer, head)
@@ -93,13 +188,9 @@ class RawWebSocket:
         await self.writer.drain()
 
     async def read_frame(self, timeout: float = TIMEOUT) -> tuple[int, bytes]:
-        first = await asyncio.wait_for(self.reader.readexactly(2), timeout)
-        n = first[1] & 0x7F
-        if n == 126:
-            n = int.from_bytes(await self.reader.readexactly(2), "big")
-        elif n == 127:
-            n = int.from_bytes(await self.reader.readexactly(8), "big")
-        return first[0] & 0x0F, await self.reader.readexactly(n)
+        """The next frame as (opcode, payload)."""
+        _, opcode, payload = await read_frame(self.reader, timeout)
+        return opcode, payload
 
     async def eof(self, timeout: float = TIMEOUT) -> None:
         """Read (and drop) everything until the server closes the TCP connection."""

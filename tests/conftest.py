@@ -1,12 +1,17 @@
 """The one way tests start questsig.
 
-The server runs in-process on a reactor thread (real sockets on 127.0.0.1, port 0), and tests
-talk to it with clients that are not questsig's code: ``websockets`` (asyncio) and plain HTTP.
+Tests run on Twisted's asyncio reactor through pytest-twisted (``--reactor=asyncio``), so the
+in-process server, the ``websockets`` clients and every Deferred share one event loop in one
+thread: a test reaches the server's state directly, and a blocking call in a test blocks the
+server too. ``async def`` tests and fixtures run as asyncio tasks on that loop (pytest-twisted
+itself only drives Twisted coroutines, which cannot await asyncio futures). Servers talk to
+clients that are not questsig's code: ``websockets`` and the raw client in ``clients.py``.
 ``spawn_twistd`` runs the installed ``twistd -n questsig`` as a child process instead.
 """
 from __future__ import annotations
 
 import asyncio
+import inspect
 import os
 import re
 import signal
@@ -14,11 +19,11 @@ import subprocess
 import sys
 import threading
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Coroutine, Iterator
 
 import pytest
-from twisted.internet import reactor
-from twisted.internet.threads import blockingCallFromThread
+import pytest_twisted
+from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.logger import globalLogBeginner, textFileLogObserver
 
 from questsig import config
@@ -28,37 +33,73 @@ LOCAL = "tcp:0:interface=127.0.0.1"
 ROOT = Path(__file__).resolve().parent.parent
 # child processes (twistd, python -m questsig...) run this checkout's code, never a stale install
 os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
-_thread: threading.Thread | None = None
 
 
-def _reactor_running() -> None:
-    global _thread
-    if _thread is None:
-        # server logs go to stderr, which pytest shows for failing tests
-        globalLogBeginner.beginLoggingTo([textFileLogObserver(sys.stderr)],
-                                         redirectStandardIO=False)
-        _thread = threading.Thread(target=reactor.run, kwargs={"installSignalHandlers": False},
-                                   name="reactor", daemon=True)
-        _thread.start()
+def pytest_configure() -> None:
+    # server logs go to stderr, which pytest shows for failing tests
+    globalLogBeginner.beginLoggingTo([textFileLogObserver(sys.stderr)], redirectStandardIO=False)
 
 
-def pytest_sessionfinish(session: Any, exitstatus: int) -> None:
-    if _thread is not None:
-        reactor.callFromThread(reactor.stop)
-        _thread.join(10)
+# -- asyncio on the reactor's loop -----------------------------------------------------------------
+
+def on_loop(coroutine: Coroutine[Any, Any, Any]) -> Deferred:
+    """Run ``coroutine`` as an asyncio task on the reactor's loop; a Deferred of its result."""
+    return Deferred.fromFuture(asyncio.ensure_future(coroutine, loop=asyncio.get_event_loop()))
 
 
-def in_reactor(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-    """Run ``fn`` on the reactor thread and return its result (waiting on a Deferred)."""
-    return blockingCallFromThread(reactor, fn, *args, **kwargs)
+def _as_deferred_test(test: Callable[..., Any]) -> Callable[..., Deferred]:
+    def run(**kwargs: Any) -> Deferred:
+        return on_loop(test(**kwargs))
+    return run
 
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    # pytest-twisted calls the test on the reactor and waits for the Deferred it returns
+    for item in items:
+        if isinstance(item, pytest.Function) and inspect.iscoroutinefunction(item.obj):
+            item.obj = _as_deferred_test(item.obj)
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_fixture_setup(fixturedef: pytest.FixtureDef[Any], request: pytest.FixtureRequest) -> Any:
+    """Async fixtures (``async def``, with or without ``yield``) run on the reactor's loop;
+    pytest waits for them with pytest_twisted.blockon, set-up and tear-down alike."""
+    func = fixturedef.func
+    generator = inspect.isasyncgenfunction(func)
+    if not (generator or inspect.iscoroutinefunction(func)):
+        return None
+    kwargs = {name: request.getfixturevalue(name) for name in fixturedef.argnames}
+    key = fixturedef.cache_key(request)
+    try:
+        if generator:
+            steps = func(**kwargs)
+            fixturedef.addfinalizer(lambda: _finish_async_fixture(request.fixturename, steps))
+            value = pytest_twisted.blockon(on_loop(steps.__anext__()))
+        else:
+            value = pytest_twisted.blockon(on_loop(func(**kwargs)))
+    except BaseException as e:
+        fixturedef.cached_result = (None, key, (e, e.__traceback__))
+        raise
+    fixturedef.cached_result = (value, key, None)
+    return value
+
+
+def _finish_async_fixture(name: str, steps: Any) -> None:
+    try:
+        pytest_twisted.blockon(on_loop(steps.__anext__()))
+    except StopAsyncIteration:
+        return
+    raise AssertionError(f"async fixture {name!r} yielded more than once")
+
+
+# -- in-process servers ----------------------------------------------------------------------------
 
 class Server:
-    """A running questsig service."""
+    """A running questsig service, on the reactor the test runs on."""
 
     def __init__(self, service: QuestsigService):
         self.service = service
-        self.stopped = False
+        self._stopping: Deferred | None = None
 
     def port(self, listener: int = 0) -> int:
         return self.service.listeners[listener].port.getHost().port
@@ -73,34 +114,41 @@ class Server:
         return self.service.modes[name]
 
     def call(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-        return in_reactor(fn, *args, **kwargs)
+        """``fn(*args, **kwargs)``: the server shares the test's thread, so this is a plain
+        call; it marks where a test reaches into the server's state."""
+        return fn(*args, **kwargs)
 
-    def stop(self) -> None:
-        if not self.stopped:
-            self.stopped = True
-            in_reactor(self.service.stopService)
+    def stop(self) -> Deferred:
+        """Stop the service (the first call does); fires when every connection and mode has
+        stopped, for every caller, so a teardown also waits for a stop a test began."""
+        if self._stopping is None:
+            self._stopping = maybeDeferred(self.service.stopService)
+        waiter: Deferred = Deferred()
+
+        def tell(result: Any) -> Any:
+            waiter.callback(result)
+            return None  # a failure reaches the first waiter only, and is reported once
+
+        self._stopping.addBoth(tell)
+        return waiter
+
+    async def wait(self, result: Any) -> Any:
+        """``result``, or what it fires with if it is a Deferred, awaited on the shared loop."""
+        if isinstance(result, Deferred):
+            return await result.asFuture(asyncio.get_running_loop())
+        return result
 
     async def astop(self) -> None:
-        """Stop without blocking the test's event loop (its clients must answer the Close)."""
-        await asyncio.to_thread(self.stop)
-
-
-def start_service(cfg: config.Config) -> Server:
-    _reactor_running()
-    svc = QuestsigService(cfg, reactor)
-
-    def start() -> None:
-        svc.privilegedStartService()
-        svc.startService()
-
-    in_reactor(start)
-    return Server(svc)
+        """Stop from a test: its clients go on answering the Close handshake meanwhile."""
+        await self.wait(self.stop())
 
 
 @pytest.fixture
 def serve(tmp_path: Path) -> Iterator[Callable[..., Server]]:
     """``serve(mounts=[...], sets=[...], document={...}, listeners=N)`` starts a server on
     127.0.0.1 with its state in the test's tmp dir; it is stopped after the test."""
+    from twisted.internet import reactor  # installed by pytest-twisted, after conftest loads
+
     started: list[Server] = []
 
     def start(*, mounts: list[str] | None = None, sets: list[str] | None = None,
@@ -115,13 +163,16 @@ def serve(tmp_path: Path) -> Iterator[Callable[..., Server]]:
             over.setdefault(k, {}).update(v)
         cfg = config.load(document=doc, endpoints=eps, mounts=mounts or [], sets=sets or [],
                           overrides=over)
-        server = start_service(cfg)
+        service = QuestsigService(cfg, reactor)
+        service.privilegedStartService()
+        service.startService()
+        server = Server(service)
         started.append(server)
         return server
 
     yield start
     for server in started:
-        server.stop()
+        pytest_twisted.blockon(server.stop())
 
 
 def twistd_path() -> str:

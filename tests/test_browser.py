@@ -1,8 +1,9 @@
 """The browser client in real headless Chromium: two demo pages open an RTCDataChannel through
 every mode this installation has, over ws:// and over wss:// with a test CA.
 
-Chromium is the Debian package at /usr/bin/chromium, driven by Playwright's sync API (so these
-are plain ``def`` tests); without it every test here is skipped.
+Chromium is the Debian package at /usr/bin/chromium, driven by Playwright's async API on the
+loop the server runs on (the sync API refuses to run inside a running asyncio loop); without it
+every test here is skipped.
 """
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import json
 import struct
 import zlib
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, AsyncIterator, Awaitable, Callable
 from urllib.parse import urlencode
 
 import pytest
@@ -30,7 +31,8 @@ CHROMIUM_FLAGS = [
     "--allow-loopback-in-peer-connection", "--disable-features=WebRtcHideLocalIpsWithMdns",
 ]
 WAIT_MS = 15000
-AVAILABLE = app.available()
+#: the modes /client.js speaks (peerjs users bring the peerjs library: tests/peerjs/)
+AVAILABLE = [m for m in app.available() if m != "peerjs"]
 
 
 @pytest.fixture(scope="module")
@@ -40,118 +42,119 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> TestPKI:
 
 
 @pytest.fixture(scope="module")
-def chromium(pki: TestPKI) -> Iterator[Any]:
-    from playwright.sync_api import sync_playwright
+async def chromium(pki: TestPKI) -> AsyncIterator[Any]:
+    from playwright.async_api import async_playwright
 
-    with sync_playwright() as playwright:
+    async with async_playwright() as playwright:
         trust = f"--ignore-certificate-errors-spki-list={pki.leaf_spki_sha256_b64}"
-        browser = playwright.chromium.launch(executable_path=str(CHROMIUM),
-                                             args=CHROMIUM_FLAGS + [trust])
+        browser = await playwright.chromium.launch(executable_path=str(CHROMIUM),
+                                                   args=CHROMIUM_FLAGS + [trust])
         yield browser
-        browser.close()
+        await browser.close()
 
 
 @pytest.fixture
-def browser(chromium: Any) -> Iterator[Any]:
+async def browser(chromium: Any) -> AsyncIterator[Any]:
     """A fresh browser context (own storage) per test. Playwright's waits evaluate strings,
     which the demo's Content-Security-Policy forbids, so these contexts bypass it; the
     screenshot test runs the page under its policy."""
-    context = chromium.new_context(bypass_csp=True)
+    context = await chromium.new_context(bypass_csp=True)
     context.set_default_timeout(WAIT_MS)
     yield context
-    context.close()
+    await context.close()
 
 
 # -- driving the demo page -----------------------------------------------------------------------
 
 
-def until(page: Any, condition: str, arg: Any = None) -> None:
+async def until(page: Any, condition: str, arg: Any = None) -> None:
     """Wait for a JavaScript condition, polling on a timer: background tabs get no
     animation frames, which the default polling waits for."""
-    page.wait_for_function(condition, arg=arg, polling=50)
+    await page.wait_for_function(condition, arg=arg, polling=50)
 
 
 def demo_url(server: Any, scheme: str, **params: str) -> str:
     return server.url("/demo/", scheme=scheme) + ("?" + urlencode(params) if params else "")
 
 
-def open_demo(browser: Any, url: str) -> Any:
-    page = browser.new_page()
-    page.goto(url)
-    until(page, "window.demo && window.demo.loaded === true")
+async def open_demo(browser: Any, url: str) -> Any:
+    page = await browser.new_page()
+    await page.goto(url)
+    await until(page, "window.demo && window.demo.loaded === true")
     return page
 
 
-def connect(page: Any) -> None:
-    page.click("#connect")
-    until(page, "window.demo.opens >= 1")
+async def connect(page: Any) -> None:
+    await page.click("#connect")
+    await until(page, "window.demo.opens >= 1")
 
 
-def open_connected(browser: Any, url: str) -> Any:
-    page = open_demo(browser, url)
-    connect(page)
+async def open_connected(browser: Any, url: str) -> Any:
+    page = await open_demo(browser, url)
+    await connect(page)
     return page
 
 
-def wait_channel_open(*pages: Any) -> None:
+async def wait_channel_open(*pages: Any) -> None:
     for page in pages:
-        until(page, "window.demo.channel === 'open'")
+        await until(page, "window.demo.channel === 'open'")
 
 
-def chat(sender: Any, receiver: Any, text: str) -> None:
+async def chat(sender: Any, receiver: Any, text: str) -> None:
     # a background tab gets no animation frames, which Playwright's actions wait for
-    sender.bring_to_front()
-    sender.fill("#text", text)
-    sender.click("#send")
-    until(receiver, "t => window.demo.received.includes(t)", text)
+    await sender.bring_to_front()
+    await sender.fill("#text", text)
+    await sender.click("#send")
+    await until(receiver, "t => window.demo.received.includes(t)", text)
 
 
-def frames(page: Any, kind: str) -> list[str]:
-    return [f["text"] for f in page.evaluate("window.demo.frames") if f["kind"] == kind]
+async def frames(page: Any, kind: str) -> list[str]:
+    return [f["text"] for f in await page.evaluate("window.demo.frames") if f["kind"] == kind]
 
 
-def pair_hub(browser: Any, url: Callable[..., str]) -> tuple[Any, Any]:
-    a = open_connected(browser, url(mode="hub", room="Alice Jörg"))
-    b = open_connected(browser, url(mode="hub", room="bob", peer="Alice Jörg"))
-    b.click("#call")
+async def pair_hub(browser: Any, url: Callable[..., str]) -> tuple[Any, Any]:
+    a = await open_connected(browser, url(mode="hub", room="Alice Jörg"))
+    b = await open_connected(browser, url(mode="hub", room="bob", peer="Alice Jörg"))
+    await b.click("#call")
     return a, b
 
 
-def pair_relay(browser: Any, url: Callable[..., str]) -> tuple[Any, Any]:
-    a = open_demo(browser, url(mode="pair-relay", room="room 42"))
-    b = open_demo(browser, url(mode="pair-relay", room="room 42"))
-    connect(a)
-    until(a, "document.getElementById('signaling').textContent === 'waiting'")
-    connect(b)
+async def pair_relay(browser: Any, url: Callable[..., str]) -> tuple[Any, Any]:
+    a = await open_demo(browser, url(mode="pair-relay", room="room 42"))
+    b = await open_demo(browser, url(mode="pair-relay", room="room 42"))
+    await connect(a)
+    await until(a, "document.getElementById('signaling').textContent === 'waiting'")
+    await connect(b)
     return a, b
 
 
-def pair_router(browser: Any, url: Callable[..., str], reg: str) -> tuple[Any, Any]:
+async def pair_router(browser: Any, url: Callable[..., str], reg: str) -> tuple[Any, Any]:
     # with no id the page registers one and shows it in the form
-    a = open_connected(browser, url(mode="router", room="", reg=reg, role="host", key="k e/y"))
-    registration = a.input_value("#room")
+    a = await open_connected(browser, url(mode="router", room="", reg=reg, role="host",
+                                          key="k e/y"))
+    registration = await a.input_value("#room")
     assert registration
-    return a, open_connected(browser, url(mode="router", room=registration, reg=reg,
-                                          role="client", key="k e/y"))
+    return a, await open_connected(browser, url(mode="router", room=registration, reg=reg,
+                                                role="client", key="k e/y"))
 
 
-def pair_sigver(browser: Any, url: Callable[..., str]) -> tuple[Any, Any]:
-    a = open_connected(browser, url(mode="sigver", room="group-1"))
-    return a, open_connected(browser, url(mode="sigver", room="group-1"))
+async def pair_sigver(browser: Any, url: Callable[..., str]) -> tuple[Any, Any]:
+    a = await open_connected(browser, url(mode="sigver", room="group-1"))
+    return a, await open_connected(browser, url(mode="sigver", room="group-1"))
 
 
-def pair_fledger(browser: Any, url: Callable[..., str]) -> tuple[Any, Any]:
-    a = open_connected(browser, url(mode="fledger", room="node-a"))
-    b = open_connected(browser, url(mode="fledger", room="node-b"))
-    node_a = a.evaluate("window.demo.client.nodeId")
+async def pair_fledger(browser: Any, url: Callable[..., str]) -> tuple[Any, Any]:
+    a = await open_connected(browser, url(mode="fledger", room="node-a"))
+    b = await open_connected(browser, url(mode="fledger", room="node-b"))
+    node_a = await a.evaluate("window.demo.client.nodeId")
     assert len(node_a) == 64
     # the node list fills in the peer field
-    until(b, "id => document.getElementById('peer').value === id", node_a)
-    b.click("#call")
+    await until(b, "id => document.getElementById('peer').value === id", node_a)
+    await b.click("#call")
     return a, b
 
 
-PAIRINGS: dict[str, Callable[[Any, Callable[..., str]], tuple[Any, Any]]] = {
+PAIRINGS: dict[str, Callable[[Any, Callable[..., str]], Awaitable[tuple[Any, Any]]]] = {
     "hub": pair_hub,
     "pair-relay": pair_relay,
     "router": lambda browser, url: pair_router(browser, url, "lobby"),
@@ -177,112 +180,114 @@ def start(serve: Callable[..., Any], pki: TestPKI, scheme: str) -> Any:
 
 @pytest.mark.parametrize("scheme", ["http", "https"])
 @pytest.mark.parametrize("mode", AVAILABLE)
-def test_data_channel_through_mode(serve: Callable[..., Any], pki: TestPKI,
-                                   browser: Any, mode: str, scheme: str) -> None:
+async def test_data_channel_through_mode(serve: Callable[..., Any], pki: TestPKI,
+                                         browser: Any, mode: str, scheme: str) -> None:
     """Two demo pages exchange offer, answer and ICE through the mode and a data-channel
     message arrives both ways (ws:// and wss:// with a CA-signed test certificate)."""
     server = start(serve, pki, scheme)
-    a, b = PAIRINGS[mode](browser, lambda **p: demo_url(server, scheme, **p))
-    wait_channel_open(a, b)
-    chat(b, a, f"hello from b over {mode}")
-    chat(a, b, "hello from a, ünïcødé ✓")
-    seen = frames(a, "in") + frames(b, "in")
+    a, b = await PAIRINGS[mode](browser, lambda **p: demo_url(server, scheme, **p))
+    await wait_channel_open(a, b)
+    await chat(b, a, f"hello from b over {mode}")
+    await chat(a, b, "hello from a, ünïcødé ✓")
+    seen = await frames(a, "in") + await frames(b, "in")
     assert any(SIGNAL_MARKS[mode] in text for text in seen), seen
     for page in (a, b):
-        shown = [t.lower() for t in frames(page, "in") + frames(page, "out")]
+        shown = [t.lower() for t in await frames(page, "in") + await frames(page, "out")]
         for kind in ("offer", "answer", "candidate"):
             assert any(kind in t for t in shown), (kind, shown)
 
 
 @pytest.mark.skipif("router" not in AVAILABLE, reason="router mode not installed")
-def test_router_host_client(serve: Callable[..., Any], browser: Any) -> None:
+async def test_router_host_client(serve: Callable[..., Any], browser: Any) -> None:
     """A host-client registration: the host page calls the client page that said hello."""
     server = serve()
-    a, b = pair_router(browser, lambda **p: demo_url(server, "http", **p), "hostclient")
-    wait_channel_open(a, b)
-    chat(b, a, "client to host")
-    assert "host" in a.text_content("#self") and "client" in b.text_content("#self")
+    a, b = await pair_router(browser, lambda **p: demo_url(server, "http", **p), "hostclient")
+    await wait_channel_open(a, b)
+    await chat(b, a, "client to host")
+    assert "host" in await a.text_content("#self")
+    assert "client" in await b.text_content("#self")
 
 
 @pytest.mark.skipif("sigver" not in AVAILABLE, reason="sigver mode not installed")
-def test_sigver_joiner_becomes_member(serve: Callable[..., Any], browser: Any) -> None:
+async def test_sigver_joiner_becomes_member(serve: Callable[..., Any], browser: Any) -> None:
     """Once its data channel is open the sigver joiner sends `stable` and is a member, and
     its signals still reach the member it joined through."""
     server = serve()
-    a, b = pair_sigver(browser, lambda **p: demo_url(server, "http", **p))
-    wait_channel_open(a, b)
-    until(b, "window.demo.client.member === true")
-    assert any(t == '{"stable":true}' for t in frames(b, "out"))
-    assert a.evaluate("window.demo.client.member") is True
+    a, b = await pair_sigver(browser, lambda **p: demo_url(server, "http", **p))
+    await wait_channel_open(a, b)
+    await until(b, "window.demo.client.member === true")
+    assert any(t == '{"stable":true}' for t in await frames(b, "out"))
+    assert await a.evaluate("window.demo.client.member") is True
     # the new member still reaches the member it joined through (late ICE candidates)
-    assert b.evaluate("window.demo.client.signal('member', {type: 'candidate'})") is True
+    assert await b.evaluate("window.demo.client.signal('member', {type: 'candidate'})") is True
     forwarded = json.dumps({"type": "candidate"}, separators=(",", ":"))
-    until(a, "t => window.demo.frames.some(f => f.kind === 'in' && f.text.includes(t))",
-          json.dumps(forwarded)[1:-1])  # as the page shows it, inside the content's JSON
+    await until(a, "t => window.demo.frames.some(f => f.kind === 'in' && f.text.includes(t))",
+                json.dumps(forwarded)[1:-1])  # as the page shows it, inside the content's JSON
 
 
 @pytest.mark.skipif("sigver" not in AVAILABLE, reason="sigver mode not installed")
-def test_sigver_client_answers_heartbeats(serve: Callable[..., Any], browser: Any) -> None:
+async def test_sigver_client_answers_heartbeats(serve: Callable[..., Any], browser: Any) -> None:
     """The sigver client answers every heartbeat, so it outlives many intervals (a silent
     peer is closed after three)."""
     server = serve(sets=["sigver.heartbeat-interval=0.1"])
-    page = open_connected(browser, demo_url(server, "http", mode="sigver", room="beats"))
-    until(page, """() => window.demo.frames.filter(
+    page = await open_connected(browser, demo_url(server, "http", mode="sigver", room="beats"))
+    await until(page, """() => window.demo.frames.filter(
         f => f.kind === 'in' && f.text === '{"heartbeat":true}').length >= 8""")
-    assert page.evaluate("window.demo.opens") == 1
-    assert page.evaluate("window.demo.client.connected") is True
-    assert frames(page, "out").count('{"heartbeat":true}') >= 7
+    assert await page.evaluate("window.demo.opens") == 1
+    assert await page.evaluate("window.demo.client.connected") is True
+    assert (await frames(page, "out")).count('{"heartbeat":true}') >= 7
 
 
 @pytest.mark.skipif("pair-relay" not in AVAILABLE, reason="pair-relay mode not installed")
-def test_pair_relay_partner_leaves_and_another_pairs(serve: Callable[..., Any],
-                                                     browser: Any) -> None:
+async def test_pair_relay_partner_leaves_and_another_pairs(serve: Callable[..., Any],
+                                                           browser: Any) -> None:
     """When a pair-relay partner disconnects, the page left behind waits, pairs with the next
     page on the id and opens a new data channel with it."""
     server = serve()
     url = lambda **p: demo_url(server, "http", **p)  # noqa: E731
-    a, b = pair_relay(browser, url)
-    wait_channel_open(a, b)
-    b.click("#disconnect")
-    until(a, "document.getElementById('signaling').textContent === 'waiting'")
-    c = open_connected(browser, url(mode="pair-relay", room="room 42"))
-    until(a, "window.demo.peers.links.get('remote').open")
-    wait_channel_open(c)
-    chat(c, a, "the next partner")
-    assert "/remote:close" in frames(a, "in")
+    a, b = await pair_relay(browser, url)
+    await wait_channel_open(a, b)
+    await b.click("#disconnect")
+    await until(a, "document.getElementById('signaling').textContent === 'waiting'")
+    c = await open_connected(browser, url(mode="pair-relay", room="room 42"))
+    await until(a, "window.demo.peers.links.get('remote').open")
+    await wait_channel_open(c)
+    await chat(c, a, "the next partner")
+    assert "/remote:close" in await frames(a, "in")
 
 
-def test_demo_screenshot_is_not_blank(serve: Callable[..., Any], chromium: Any,
-                                      tmp_path: Path) -> None:
+async def test_demo_screenshot_is_not_blank(serve: Callable[..., Any], chromium: Any,
+                                            tmp_path: Path) -> None:
     """Under its own Content-Security-Policy the demo page works and renders: a screenshot
     after a hub call has many colours and both light and dark pixels."""
-    from playwright.sync_api import expect
+    from playwright.async_api import expect
 
     server = serve()
-    context = chromium.new_context(viewport={"width": 1000, "height": 700})
+    context = await chromium.new_context(viewport={"width": 1000, "height": 700})
     try:
         violations: list[str] = []
         context.on("console", lambda m: violations.append(m.text)
                    if "Content Security Policy" in m.text else None)
         pages = []
         for room, peer in (("alice", ""), ("bob", "alice")):
-            page = context.new_page()
-            page.goto(demo_url(server, "http", mode="hub", room=room, peer=peer))
-            expect(page.locator("body")).to_have_attribute("data-loaded", "true", timeout=WAIT_MS)
-            page.click("#connect")
-            expect(page.locator("#signaling")).to_have_text("ready", timeout=WAIT_MS)
+            page = await context.new_page()
+            await page.goto(demo_url(server, "http", mode="hub", room=room, peer=peer))
+            await expect(page.locator("body")).to_have_attribute("data-loaded", "true",
+                                                                 timeout=WAIT_MS)
+            await page.click("#connect")
+            await expect(page.locator("#signaling")).to_have_text("ready", timeout=WAIT_MS)
             pages.append(page)
         a, b = pages
-        b.click("#call")
+        await b.click("#call")
         for page in pages:
-            expect(page.locator("#channel")).to_have_text("open", timeout=WAIT_MS)
-        b.fill("#text", "look at me")
-        b.click("#send")
-        expect(a.locator("#received li")).to_have_text(["look at me"], timeout=WAIT_MS)
-        png = a.screenshot(path=str(tmp_path / "demo.png"))
+            await expect(page.locator("#channel")).to_have_text("open", timeout=WAIT_MS)
+        await b.fill("#text", "look at me")
+        await b.click("#send")
+        await expect(a.locator("#received li")).to_have_text(["look at me"], timeout=WAIT_MS)
+        png = await a.screenshot(path=str(tmp_path / "demo.png"))
         assert violations == []
     finally:
-        context.close()
+        await context.close()
     width, height, pixels = decode_png(png)
     assert (width, height) == (1000, 700)
     colours = set(pixels)
@@ -292,40 +297,41 @@ def test_demo_screenshot_is_not_blank(serve: Callable[..., Any], chromium: Any,
     assert dark > width * height // 100 and light > width * height // 10
 
 
-def test_hub_page_reconnects_and_is_reachable_again(serve: Callable[..., Any],
-                                                     browser: Any) -> None:
+async def test_hub_page_reconnects_and_is_reachable_again(serve: Callable[..., Any],
+                                                          browser: Any) -> None:
     """When the server closes its socket the page reconnects, registers its name again and
     can still be called."""
     server = serve()
     url = lambda **p: demo_url(server, "http", **p)  # noqa: E731
-    a = open_connected(browser, url(mode="hub", room="carol"))
+    a = await open_connected(browser, url(mode="hub", room="carol"))
     # the server closes the page's socket with 1001, as a restart would, but keeps serving
     server.call(lambda: [c.close(1001, "going away") for c in server.service.connections])
-    until(a, "window.demo.opens === 2")
-    notes = frames(a, "note")
+    await until(a, "window.demo.opens === 2")
+    notes = await frames(a, "note")
     assert any("socket closed 1001" in n and "reconnecting in" in n for n in notes), notes
-    b = open_connected(browser, url(mode="hub", room="dave", peer="carol"))
-    b.click("#call")
-    wait_channel_open(a, b)
-    chat(a, b, "back again")
+    b = await open_connected(browser, url(mode="hub", room="dave", peer="carol"))
+    await b.click("#call")
+    await wait_channel_open(a, b)
+    await chat(a, b, "back again")
 
 
 # -- the client module on its own ----------------------------------------------------------------
 
 
-def module_page(browser: Any, server: Any) -> Any:
+async def module_page(browser: Any, server: Any) -> Any:
     """A page of this server's origin (a secure context) with the client module loaded."""
-    page = open_demo(browser, server.http("/demo/"))
-    page.evaluate("async () => { window.q = await import('/client.js'); }")
+    page = await open_demo(browser, server.http("/demo/"))
+    await page.evaluate("async () => { window.q = await import('/client.js'); }")
     return page
 
 
-def test_reconnect_back_off_doubles_with_jitter(serve: Callable[..., Any], browser: Any) -> None:
+async def test_reconnect_back_off_doubles_with_jitter(serve: Callable[..., Any],
+                                                      browser: Any) -> None:
     """Failed connections are retried after delays that double up to the cap, each between
     half and all of its step."""
     server = serve()
-    page = module_page(browser, server)
-    delays = page.evaluate("""async () => {
+    page = await module_page(browser, server)
+    delays = await page.evaluate("""async () => {
         const c = new q.HubClient('ws://127.0.0.1:9/hub', 'x',
                                   {reconnectDelay: 20, reconnectMaxDelay: 80});
         const seen = [];
@@ -342,11 +348,11 @@ def test_reconnect_back_off_doubles_with_jitter(serve: Callable[..., Any], brows
         assert step / 2 <= delay <= step, delays
 
 
-def test_close_stops_reconnecting(serve: Callable[..., Any], browser: Any) -> None:
+async def test_close_stops_reconnecting(serve: Callable[..., Any], browser: Any) -> None:
     """close() ends the connection for good: no reconnect follows."""
     server = serve()
-    page = module_page(browser, server)
-    result = page.evaluate("""async (base) => {
+    page = await module_page(browser, server)
+    result = await page.evaluate("""async (base) => {
         const c = new q.HubClient(base, 'erin', {reconnectDelay: 10});
         await c.connect();
         const lost = [];
@@ -358,12 +364,13 @@ def test_close_stops_reconnecting(serve: Callable[..., Any], browser: Any) -> No
     assert result == {"opens": 1, "lost": [], "socket": True}
 
 
-def test_hub_client_reports_plain_text_errors(serve: Callable[..., Any], browser: Any) -> None:
+async def test_hub_client_reports_plain_text_errors(serve: Callable[..., Any],
+                                                    browser: Any) -> None:
     """The hub's plain-text errors surface as `problem` events; a taken name marks the
     client anonymous."""
     server = serve()
-    page = module_page(browser, server)
-    result = page.evaluate("""async (base) => {
+    page = await module_page(browser, server)
+    result = await page.evaluate("""async (base) => {
         const first = new q.HubClient(base, 'frank');
         await first.connect();
         const second = new q.HubClient(base, 'frank');
@@ -382,13 +389,13 @@ def test_hub_client_reports_plain_text_errors(serve: Callable[..., Any], browser
 
 
 @pytest.mark.skipif("fledger" not in AVAILABLE, reason="fledger mode not installed")
-def test_fledger_signs_with_webcrypto_or_a_signer(serve: Callable[..., Any],
-                                                  browser: Any) -> None:
+async def test_fledger_signs_with_webcrypto_or_a_signer(serve: Callable[..., Any],
+                                                        browser: Any) -> None:
     """This Chromium has Ed25519 in WebCrypto; a client given a signer callback uses it
     to answer the challenge and is listed under its public key."""
     server = serve()
-    page = module_page(browser, server)
-    result = page.evaluate("""async (base) => {
+    page = await module_page(browser, server)
+    result = await page.evaluate("""async (base) => {
         const supported = await q.ed25519Supported();
         const real = await q.webCryptoSigner();
         let calls = 0;
@@ -443,13 +450,14 @@ SIGVER_CASES = [
 ]
 
 
-def test_sigver_codec_matches_official_protobuf(serve: Callable[..., Any], browser: Any) -> None:
+async def test_sigver_codec_matches_official_protobuf(serve: Callable[..., Any],
+                                                      browser: Any) -> None:
     """encodeSigver's bytes parse with the official protobuf package to the same message,
     and decodeSigver reads what protobuf writes."""
     Message = sigver_message_class()
     server = serve()
-    page = module_page(browser, server)
-    encoded = page.evaluate("""(cases) => cases.map(m => {
+    page = await module_page(browser, server)
+    encoded = await page.evaluate("""(cases) => cases.map(m => {
         if (m.content) m = {content: {...m.content,
                                       data: new TextEncoder().encode(m.content.data || '')}};
         return Array.from(q.encodeSigver(m));
@@ -470,7 +478,7 @@ def test_sigver_codec_matches_official_protobuf(serve: Callable[..., Any], brows
         assert parsed == expected and parsed.WhichOneof("type") == expected.WhichOneof("type"), case
         official.append(list(expected.SerializeToString()))
     assert encoded[0] == [0x10, 0x01]  # isFirst: true, as the spec's checklist spells it
-    decoded = page.evaluate("""(all) => all.map(bytes => {
+    decoded = await page.evaluate("""(all) => all.map(bytes => {
         const m = q.decodeSigver(Uint8Array.from(bytes));
         if (m.content) m.content.data = new TextDecoder().decode(m.content.data);
         return m;
@@ -481,7 +489,7 @@ def test_sigver_codec_matches_official_protobuf(serve: Callable[..., Any], brows
             assert message == {"content": want}
         else:
             assert message == case
-    garbage = page.evaluate("""() => {
+    garbage = await page.evaluate("""() => {
         try { q.decodeSigver(Uint8Array.from([0x0a, 0x05, 1])); return 'accepted'; }
         catch (e) { return 'refused'; } }""")
     assert garbage == "refused"

@@ -2,7 +2,6 @@
 on every listener, beating a mode mounted at ``/``, and switched off with ``client = false``."""
 from __future__ import annotations
 
-import http.client
 import json
 import subprocess
 import sys
@@ -12,22 +11,11 @@ from typing import Any, Callable
 
 import pytest
 
+from clients import fetch
 from questsig import client
 from questsig.app import Mount
 
 MODE_CLASSES = ("HubClient", "PairRelayClient", "RouterClient", "SigverClient", "FledgerClient")
-
-
-def fetch(port: int, path: str, method: str = "GET") -> tuple[int, dict[str, str], bytes]:
-    """One plain HTTP request (no redirects followed): status, lower-cased headers, body."""
-    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
-    try:
-        connection.request(method, path)
-        response = connection.getresponse()
-        return (response.status, {k.lower(): v for k, v in response.getheaders()},
-                response.read())
-    finally:
-        connection.close()
 
 
 def package_file(*parts: str) -> bytes:
@@ -67,10 +55,10 @@ def test_module_exports_one_class_per_mode() -> None:
 # -- served over real sockets --------------------------------------------------------------------
 
 
-def test_client_js_is_served(serve: Callable[..., Any]) -> None:
+async def test_client_js_is_served(serve: Callable[..., Any]) -> None:
     """GET /client.js returns the module as JavaScript, importable cross-origin."""
     server = serve()
-    status, headers, body = fetch(server.port(), "/client.js")
+    status, headers, body = await fetch(server.port(), "/client.js")
     assert status == 200
     assert headers["content-type"] == "text/javascript; charset=utf-8"
     assert headers["x-content-type-options"] == "nosniff"
@@ -78,79 +66,80 @@ def test_client_js_is_served(serve: Callable[..., Any]) -> None:
     assert body == package_file("client.js")
 
 
-def test_client_js_head_and_other_methods(serve: Callable[..., Any]) -> None:
+async def test_client_js_head_and_other_methods(serve: Callable[..., Any]) -> None:
     """HEAD gets the headers without a body; POST gets 405; paths below the file 404."""
     server = serve()
-    status, headers, body = fetch(server.port(), "/client.js", "HEAD")
+    status, headers, body = await fetch(server.port(), "/client.js", "HEAD")
     assert (status, body) == (200, b"")
     assert int(headers["content-length"]) == len(package_file("client.js"))
     for method in ("POST", "PUT", "DELETE"):
-        status, headers, body = fetch(server.port(), "/client.js", method)
+        status, headers, body = await fetch(server.port(), "/client.js", method)
         assert (status, headers["allow"], body) == (405, "GET, HEAD", b"")
-    assert fetch(server.port(), "/demo/", "POST")[::2] == (405, b"")
-    assert fetch(server.port(), "/client.js/x")[:3:2] == (404, b"")
+    assert (await fetch(server.port(), "/demo/", "POST"))[::2] == (405, b"")
+    assert (await fetch(server.port(), "/client.js/x"))[:3:2] == (404, b"")
 
 
-def test_demo_redirects_to_its_folder(serve: Callable[..., Any]) -> None:
+async def test_demo_redirects_to_its_folder(serve: Callable[..., Any]) -> None:
     """/demo redirects to /demo/, so the page's relative links resolve."""
     server = serve()
-    status, headers, _ = fetch(server.port(), "/demo")
+    status, headers, _ = await fetch(server.port(), "/demo")
     assert status in (301, 302)
     assert headers["location"] == "/demo/"
 
 
-def test_demo_page_and_assets(serve: Callable[..., Any]) -> None:
+async def test_demo_page_and_assets(serve: Callable[..., Any]) -> None:
     """/demo/ is the page, with a policy that allows only its own scripts and WebSockets;
     its script and style are served beside it; unknown names get 404."""
     server = serve()
-    status, headers, body = fetch(server.port(), "/demo/")
+    status, headers, body = await fetch(server.port(), "/demo/")
     assert status == 200
     assert headers["content-type"] == "text/html; charset=utf-8"
     assert body == package_file("demo", "index.html")
     assert b'<script type="module" src="demo.js">' in body
     policy = headers["content-security-policy"]
     assert "default-src 'self'" in policy and "connect-src 'self' ws: wss:" in policy
-    status, headers, body = fetch(server.port(), "/demo/demo.js")
+    status, headers, body = await fetch(server.port(), "/demo/demo.js")
     assert (status, headers["content-type"]) == (200, "text/javascript; charset=utf-8")
     assert b'from "../client.js"' in body
-    assert fetch(server.port(), "/demo/demo.css")[1]["content-type"] == "text/css; charset=utf-8"
+    css = await fetch(server.port(), "/demo/demo.css")
+    assert css[1]["content-type"] == "text/css; charset=utf-8"
     for path in ("/demo/nope.js", "/demo/a/b", "/demo/..%2Fclient.py", "/demo/%ff"):
-        assert fetch(server.port(), path)[::2] == (404, b""), path
+        assert (await fetch(server.port(), path))[::2] == (404, b""), path
 
 
-def test_mount_table_lists_this_listeners_modes(serve: Callable[..., Any]) -> None:
+async def test_mount_table_lists_this_listeners_modes(serve: Callable[..., Any]) -> None:
     """/demo/mounts.json lists each mode the listener mounts and where, so the demo page
     connects to the right path."""
     server = serve(mounts=["/=hub", "/x/hub2=hub"])
-    status, headers, body = fetch(server.port(), "/demo/mounts.json")
+    status, headers, body = await fetch(server.port(), "/demo/mounts.json")
     assert (status, headers["content-type"]) == (200, "application/json")
     assert json.loads(body) == [{"mode": "hub", "path": "/"}, {"mode": "hub", "path": "/x/hub2"}]
 
 
-def test_client_beats_a_mode_mounted_at_root(serve: Callable[..., Any]) -> None:
+async def test_client_beats_a_mode_mounted_at_root(serve: Callable[..., Any]) -> None:
     """With a mode at /, /client.js and /demo/ are still the client's; other paths the mode's."""
     server = serve(mounts=["/=hub"])
-    assert fetch(server.port(), "/client.js")[0] == 200
-    assert fetch(server.port(), "/demo/")[0] == 200
-    assert fetch(server.port(), "/client.jsx")[0] == 426  # the hub's answer to plain GET
-    assert fetch(server.port(), "/demo2")[0] == 426
+    assert (await fetch(server.port(), "/client.js"))[0] == 200
+    assert (await fetch(server.port(), "/demo/"))[0] == 200
+    assert (await fetch(server.port(), "/client.jsx"))[0] == 426  # the hub's answer to plain GET
+    assert (await fetch(server.port(), "/demo2"))[0] == 426
 
 
-def test_every_listener_serves_the_client(serve: Callable[..., Any]) -> None:
+async def test_every_listener_serves_the_client(serve: Callable[..., Any]) -> None:
     """Each listener of a server has /client.js and /demo/."""
     server = serve(listeners=2)
     for listener in (0, 1):
-        assert fetch(server.port(listener), "/client.js")[0] == 200
-        assert fetch(server.port(listener), "/demo/")[0] == 200
+        assert (await fetch(server.port(listener), "/client.js"))[0] == 200
+        assert (await fetch(server.port(listener), "/demo/"))[0] == 200
 
 
-def test_client_false_switches_serving_off(serve: Callable[..., Any]) -> None:
+async def test_client_false_switches_serving_off(serve: Callable[..., Any]) -> None:
     """With client = false, /client.js and /demo/ are not served (404, or the root mode's)."""
     server = serve(document={"client": False})
-    assert fetch(server.port(), "/client.js")[::2] == (404, b"")
-    assert fetch(server.port(), "/demo/")[::2] == (404, b"")
+    assert (await fetch(server.port(), "/client.js"))[::2] == (404, b"")
+    assert (await fetch(server.port(), "/demo/"))[::2] == (404, b"")
     rooted = serve(document={"client": False}, mounts=["/=hub"])
-    assert fetch(rooted.port(), "/client.js")[0] == 426
+    assert (await fetch(rooted.port(), "/client.js"))[0] == 426
 
 
 # -- the installed package under twistd ----------------------------------------------------------
@@ -165,23 +154,24 @@ def installed() -> None:
 
 
 @pytest.mark.usefixtures("installed")
-def test_twistd_serves_the_packaged_files(spawn_twistd: Callable[..., Any]) -> None:
+async def test_twistd_serves_the_packaged_files(spawn_twistd: Callable[..., Any]) -> None:
     """The installed package carries the static files: twistd serves the module and the page."""
     twistd = spawn_twistd("--endpoint", "tcp:0:interface=127.0.0.1")
     port = twistd.wait_listening()
-    assert fetch(port, "/client.js")[2] == package_file("client.js")
-    assert fetch(port, "/demo/")[2] == package_file("demo", "index.html")
+    assert (await fetch(port, "/client.js"))[2] == package_file("client.js")
+    assert (await fetch(port, "/demo/"))[2] == package_file("demo", "index.html")
     twistd.stop()
     assert "questsig stopped" in twistd.output
 
 
 @pytest.mark.usefixtures("installed")
-def test_twistd_config_client_false(spawn_twistd: Callable[..., Any], tmp_path: Path) -> None:
+async def test_twistd_config_client_false(spawn_twistd: Callable[..., Any],
+                                          tmp_path: Path) -> None:
     """A config file with client = false turns the client off under twistd."""
     config = tmp_path / "questsig.toml"
     config.write_text('client = false\n[[listener]]\nendpoint = "tcp:0:interface=127.0.0.1"\n')
     twistd = spawn_twistd("--config", str(config))
     port = twistd.wait_listening()
-    assert fetch(port, "/client.js")[0] == 404
+    assert (await fetch(port, "/client.js"))[0] == 404
     twistd.stop()
     assert "questsig stopped" in twistd.output

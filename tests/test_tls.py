@@ -4,9 +4,12 @@ from __future__ import annotations
 import ssl
 
 import websockets
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
 
 from certs import make_pki
 from clients import nothing_arrives, recv
+from questsig.listeners import endpoint_problem
 
 
 def client_context(ca) -> ssl.SSLContext:
@@ -55,3 +58,25 @@ async def test_full_chain_in_cert_file(serve, tmp_path) -> None:
                                   ssl=client_context(pki.ca)) as a:
         await a.send('{"protocol":"one-to-self","tls":"fullchain"}')
         assert await recv(a) == '{"protocol":"one-to-self","tls":"fullchain"}'
+
+
+def test_tls_file_mistakes_are_named(tmp_path, monkeypatch) -> None:
+    """Mistakes that show only when an ssl: endpoint's files are loaded are named in one line."""
+    monkeypatch.chdir(tmp_path)
+    make_pki(tmp_path)
+    other = ec.generate_private_key(ec.SECP256R1())
+    pem = serialization.Encoding.PEM
+    (tmp_path / "other.key").write_bytes(other.private_bytes(
+        pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+    (tmp_path / "locked.key").write_bytes(other.private_bytes(
+        pem, serialization.PrivateFormat.PKCS8, serialization.BestAvailableEncryption(b"pw")))
+    assert endpoint_problem("ssl:0:privateKey=other.key:certKey=leaf.pem") == (
+        "the key in other.key does not belong to the certificate in leaf.pem")
+    assert endpoint_problem("ssl:0:privateKey=locked.key:certKey=leaf.pem") == (
+        "the key in locked.key is encrypted (questsig needs it without a passphrase)")
+    assert endpoint_problem("ssl:0:privateKey=leaf.key:certKey=leaf.pem:extraCertChain=gone.pem"
+                            ) == "certificate chain file gone.pem not found"
+    assert endpoint_problem("ssl:0:privateKey=leaf.key:certKey=leaf.pem:extraCertChain=leaf.key"
+                            ) == "no certificate in leaf.key"
+    assert endpoint_problem("ssl:0:privateKey=leaf.key:certKey=leaf.pem:extraCertChain=chain.pem"
+                            ) is None

@@ -3,12 +3,17 @@ clean shutdown."""
 from __future__ import annotations
 
 import asyncio
+import re
 import socket
 import subprocess
 import time
 
+import pytest
 import websockets
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 
+from certs import make_pki
 from clients import closed_with, recv
 from conftest import twistd_path
 
@@ -27,6 +32,28 @@ def test_help_documents_options(tmp_path) -> None:
     for option in ("--config", "--endpoint", "--mount", "--set", "--state-dir",
                    "--push-vapid-key", "--push-vapid-subject", "--push-allow-private"):
         assert option in out
+
+
+def test_help_reads_cleanly(tmp_path) -> None:
+    """Every option in `twistd questsig --help`, --version included, has a description that
+    reads as plain text, with no runs of spaces."""
+    out = subprocess.run([twistd_path(), "questsig", "--help"], cwd=tmp_path,
+                         capture_output=True, text=True, timeout=60).stdout
+    options = out.split("Options:\n", 1)[1].split("\n\n", 1)[0].splitlines()
+    column = re.match(r" *-c, --config= +", options[0]).end()
+    descriptions: dict[str, str] = {}
+    name = ""
+    for line in options:
+        head, text = line[:column], line[column:]
+        assert not re.search(r"\S {2,}\S", text), line
+        option = re.search(r"--([\w-]+)", head)
+        if option:
+            name = option.group(1)
+            descriptions[name] = text.strip()
+        else:
+            descriptions[name] += " " + text.strip()
+    assert descriptions["version"]
+    assert all(descriptions.values())
 
 
 async def test_plugin_serves_and_stops_with_1001(spawn_twistd) -> None:
@@ -75,6 +102,46 @@ def test_bad_endpoint_fails_start(tmp_path) -> None:
     result = run_twistd("--endpoint", "nonsense:1234", "--mount", "/=hub", cwd=tmp_path)
     assert result.returncode != 0
     assert "bad endpoint 'nonsense:1234'" in result.stdout + result.stderr
+
+
+BAD_ENDPOINTS = [
+    ("ssl:8443:privateKey=leaf.key",
+     "no certificate in leaf.key (give the certificate file as certKey=)"),
+    ("ssl:8443:privateKey=missing.pem", "key file missing.pem not found"),
+    ("ssl:8443", "no privateKey= given and the default key file server.pem is not found"),
+    ("ssl:8443:privateKey=leaf.key:certKey=leaf.der", "leaf.der is not a PEM certificate file"),
+    ("ssl:8443:privateKey=leaf.pem:certKey=leaf.pem", "leaf.pem is not a PEM key"),
+    ("tcp:8000:interfac=127.0.0.1",
+     "unknown parameter 'interfac' (tcp takes port, interface, backlog)"),
+    ("tcp:abc", "port 'abc' is not a number"),
+    ("nonsense:1234", "unknown endpoint type 'nonsense' (e.g. tcp, ssl, unix, systemd)"),
+    ("systemd:domain=INET:index=0", "no such socket was passed by systemd (LISTEN_FDS)"),
+]
+
+
+@pytest.mark.parametrize("endpoint, problem", BAD_ENDPOINTS)
+def test_bad_endpoint_is_one_line(tmp_path, endpoint: str, problem: str) -> None:
+    """A bad endpoint string or TLS file fails the start with exactly one line naming it."""
+    pki = make_pki(tmp_path)
+    der = x509.load_pem_x509_certificate(pki.cert.read_bytes()).public_bytes(
+        serialization.Encoding.DER)
+    (tmp_path / "leaf.der").write_bytes(der)
+    result = run_twistd("--endpoint", endpoint, "--mount", "/=hub", cwd=tmp_path)
+    assert (result.returncode, result.stdout, result.stderr) == (
+        1, "", f"questsig: bad endpoint {endpoint!r}: {problem}\n")
+
+
+@pytest.mark.parametrize("endpoint", [
+    "tcp:+8000", "tcp: 8000", "tcp:8_000", r"tcp6:8000:interface=\:\:1", "tcp:8000:backlog=+5",
+    "unix:/tmp/questsig.sock:mode=660:lockfile=1", "haproxy:tcp:8000"])
+def test_endpoints_twisted_takes_are_not_refused(endpoint: str) -> None:
+    """Every endpoint string Twisted's own parser takes passes questsig's checks too."""
+    from twisted.internet import endpoints, reactor
+
+    from questsig.listeners import endpoint_problem
+
+    endpoints.serverFromString(reactor, endpoint)
+    assert endpoint_problem(endpoint) is None
 
 
 def test_unknown_mode_and_path_clash_fail_start(tmp_path) -> None:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import websockets
+from twisted.logger import globalLogPublisher
 
 from clients import RawWebSocket, closed_with, echo_round_trip
 
@@ -25,6 +26,37 @@ async def test_a_failing_handler_closes_only_its_connection(serve) -> None:
         code, reason = await closed_with(victim)
         assert (code, reason) == (1011, "internal error")
         await echo_round_trip(other)
+
+
+async def test_a_failing_open_handler_closes_only_its_connection(serve) -> None:
+    """An exception while a connection opens closes it with 1011 and is logged once; the server
+    and every other client go on."""
+    server = serve(mounts=["/=hub"])
+    hub = server.mode("hub").hub
+    join = hub.join
+
+    def fragile(connection, raw_target: bytes, *rest):
+        if b"user=victim" in raw_target:
+            raise RuntimeError("a bug")
+        return join(connection, raw_target, *rest)
+
+    failures: list[dict] = []
+
+    def observe(event: dict) -> None:
+        if event.get("log_failure") is not None:
+            failures.append(event)
+
+    server.call(setattr, hub, "join", fragile)
+    globalLogPublisher.addObserver(observe)
+    try:
+        async with websockets.connect(server.url("/?user=victim")) as victim, \
+                websockets.connect(server.url("/?user=other")) as other:
+            code, reason = await closed_with(victim)
+            assert (code, reason) == (1011, "internal error")
+            await echo_round_trip(other)
+    finally:
+        globalLogPublisher.removeObserver(observe)
+    assert [e["log_format"] for e in failures] == ["failed to open a connection"]
 
 
 async def test_pongs_count_towards_the_send_buffer(serve) -> None:

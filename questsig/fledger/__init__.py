@@ -9,18 +9,51 @@ from typing import Any, Mapping
 
 from questsig.app import Context, ModeService
 from questsig.fledger.adapter import FledgerService
-from questsig.fledger.core import _dialect, _node_ttl, system_realm
-from questsig.settings import LISTENER, MODE, Setting, boolean, choice, count, websocket_limits
+from questsig.fledger.core import FAMILIES, from_hex
+from questsig.settings import (LISTENER, MODE, Setting, boolean, choice, count, seconds,
+                               websocket_limits)
 
 NAME = "fledger"
 DEFAULT_PREFIX = "/fledger"
+
+MIN_NODE_TTL = 10.0
+
+
+def _node_ttl(value: Any) -> float:
+    ttl = seconds(value)
+    if ttl < MIN_NODE_TTL:
+        raise ValueError(f"must be at least {MIN_NODE_TTL:g} seconds")
+    return ttl
+
+
+_family = choice("auto", *FAMILIES)
+#: ``--set fledger.dialect=0.10`` arrives as the TOML float 0.1
+_FAMILY_NUMBERS = {0.7: "0.7", 0.8: "0.8", 0.1: "0.10"}
+
+
+def _dialect(value: Any) -> str:
+    if isinstance(value, float) and value in _FAMILY_NUMBERS:
+        value = _FAMILY_NUMBERS[value]
+    return _family(value)
+
+
+def system_realm(value: Any) -> str | None:
+    """2-64 hex digits, even count, right-padded with ``0`` to 64 and lowercased."""
+    if value is None:
+        return None
+    if isinstance(value, int) and not isinstance(value, bool):
+        value = str(value)  # --set fledger.system-realm=12 arrives as a TOML integer
+    if not isinstance(value, str) or not 2 <= len(value) <= 64 or from_hex(value) is None:
+        raise ValueError("must be 2 to 64 hex digits, an even count")
+    return value.lower().ljust(64, "0")
 
 
 SETTINGS: tuple[Setting, ...] = (
     Setting("dialect", "auto", LISTENER, _dialect,
             "release family: 'auto' (detected from the first Announce) or a fixed one"),
     Setting("node-ttl", 180.0, MODE, _node_ttl,
-            "seconds without a text frame after which a connection expires (at least 10)"),
+            "seconds without a text frame after which a connection expires "
+            f"(at least {MIN_NODE_TTL:g})"),
     Setting("expire-action", "drop", MODE, choice("drop", "keep"),
             "what expiry does to the socket: drop TCP, or keep it open as upstream did"),
     Setting("system-realm", None, MODE, system_realm,

@@ -1,4 +1,4 @@
-"""Mode ``fledger``: flsignal-compatible signalling for fledger nodes (spec: shared specs/fledger.md).
+"""Mode ``fledger``: flsignal-compatible signalling for fledger nodes (docs/protocols/fledger.md).
 
 Wire protocol, one WebSocket per node, compact JSON in serde's externally tagged form::
 
@@ -19,9 +19,17 @@ never answered. The server never closes with a Close frame on its own: expiry, p
 shutdown drop TCP (a 0.9+ node reconnects after a drop but spins on a clean close).
 
 This module is the transport-free core: a connection is anything with ``send(bytes)`` and
-``abort()``; time is passed in. Signature checks are handed back to the caller as
-:class:`Verification` jobs so that the adapter (:mod:`questsig.fledger.adapter`) can run them
-off the reactor thread while holding the connection's later frames back, in order.
+``abort()``; time is passed in, and the adapter (:mod:`questsig.fledger.adapter`) passes a way to
+run signature checks off the reactor thread.
+
+State seam: the node list (:class:`NodeList`; :class:`LocalNodeList` in process) is what spans
+connections: per family, the announced nodes in registration order with their canonical
+NodeInfo and expiry. Announcing, withdrawing, renewing and listing return Deferreds, as a store
+shared by several servers would; whether a NodeID is held by a local connection is answered at
+once, and a PeerSetup to one is sent directly, while one held elsewhere goes through
+``NodeList.forward``. Per node stay the connections themselves, their challenges, activity and
+expiry, and the queue of their frames: while a frame waits (its signature being checked or the
+node list answering), the connection's later frames wait behind it, in order.
 """
 from __future__ import annotations
 
@@ -32,24 +40,25 @@ import os
 import random
 import re
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping, Protocol
+from typing import Any, Callable, Iterable, Mapping, Protocol, Sequence
 
 from nacl.exceptions import BadSignatureError, CryptoError
 from nacl.signing import VerifyKey
+from twisted.internet import defer
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
-from questsig.peer import send_each
-from questsig import settings, strict_json
+from questsig import strict_json
+from questsig.peer import Arrivals, Peer, background, send_each
 
 
 log = Logger()
 
 SIGNAL_VERSION = 3
 FAMILIES = ("0.7", "0.8", "0.9.0", "0.10")
-#: the family whose list an unannounced connection gets before its family is known (spec §2)
+#: the family whose list an unannounced connection gets before its family is known
 UNDETECTED_FAMILY = "0.10"
-MIN_NODE_TTL = 10.0
-#: expiry is checked at least this often (spec §8)
+#: expiry is checked at least this often
 MAX_EXPIRY_CHECK = 15.0
 
 
@@ -57,37 +66,7 @@ _HEX_DIGITS = re.compile(r"[0-9a-fA-F]+")
 _BASE64 = re.compile(r"[A-Za-z0-9+/]*(={1,2})?")
 
 
-def _node_ttl(value: Any) -> float:
-    ttl = settings.seconds(value)
-    if ttl < MIN_NODE_TTL:
-        raise ValueError(f"must be at least {MIN_NODE_TTL:g} seconds")
-    return ttl
-
-
-_family = settings.choice("auto", *FAMILIES)
-#: ``--set fledger.dialect=0.10`` arrives as the TOML float 0.1
-_FAMILY_NUMBERS = {0.7: "0.7", 0.8: "0.8", 0.1: "0.10"}
-
-
-def _dialect(value: Any) -> str:
-    if isinstance(value, float) and value in _FAMILY_NUMBERS:
-        value = _FAMILY_NUMBERS[value]
-    return _family(value)
-
-
-def system_realm(value: Any) -> str | None:
-    """2-64 hex digits, even count, right-padded with ``0`` to 64 and lowercased."""
-    if value is None:
-        return None
-    if isinstance(value, int) and not isinstance(value, bool):
-        value = str(value)  # --set fledger.system-realm=12 arrives as a TOML integer
-    if (not isinstance(value, str) or not 2 <= len(value) <= 64 or len(value) % 2
-            or not _HEX_DIGITS.fullmatch(value)):
-        raise ValueError("must be 2 to 64 hex digits, an even count")
-    return value.lower().ljust(64, "0")
-
-
-# -- encodings (spec §4) -------------------------------------------------------------------------
+# -- encodings -------------------------------------------------------------------------
 
 ERROR_SAME_ID = b'{"Error":"New Connection with same ID"}'
 LIST_REQUEST = "ListIDsRequest"
@@ -169,7 +148,7 @@ class NodeInfo:
     modules: int | None
 
     def to_json(self, family: str) -> str:
-        """The canonical form of spec §4 for ``family``."""
+        """The canonical encoding for ``family``."""
         if family in ("0.7", "0.8"):
             key = base64.b64encode(self.pubkey).decode("ascii")
         else:
@@ -222,7 +201,7 @@ def parse_node_info(family: str, value: Any) -> NodeInfo | None:
 
 
 def classify(node_info: Any) -> str | None:
-    """The family whose shape ``node_info`` has (spec §2 detection)."""
+    """The family whose shape ``node_info`` has."""
     if not isinstance(node_info, dict):
         return None
     if len(node_info) == 1 and next(iter(node_info)) in ("NodeInfoV3", "NodeInfoV2"):
@@ -260,17 +239,11 @@ def variant(message: Any) -> tuple[str, Any] | None:
 # -- the rules -----------------------------------------------------------------------------------
 
 
-class Peer(Protocol):
-    def send(self, payload: bytes, binary: bool = False) -> None: ...
-
-    def abort(self) -> None: ...
-
-
 class Node:
     """One connection: its challenge until it announces, then its ID in its family."""
 
-    __slots__ = ("peer", "family", "detect", "challenge", "node_id", "info_json", "last_active",
-                 "list_seed", "expired")
+    __slots__ = ("peer", "family", "detect", "challenge", "node_id", "last_active", "list_seed",
+                 "expired", "listed_until", "arrivals")
 
     def __init__(self, peer: Peer, family: str | None, challenge: bytes, now: float,
                  list_seed: int):
@@ -280,42 +253,128 @@ class Node:
         self.detect = family is None
         self.challenge: bytes | None = challenge
         self.node_id: bytes | None = None
-        self.info_json: str | None = None
         self.last_active = now
         self.list_seed = list_seed
         self.expired = False
+        #: the expiry the node list last heard for this node's entry
+        self.listed_until = 0.0
+        #: its frames in arrival order: while one waits, the later ones wait behind it
+        self.arrivals = Arrivals(self._failed)
+
+    def _failed(self, failure: Failure) -> None:
+        # a bug costs only this connection, dropped as always (never a Close frame)
+        log.failure("fledger: failed to handle a message", failure)
+        self.arrivals.clear()
+        self.peer.abort()
+
+
+class NodeList(Protocol):
+    """The announced nodes of every family with their canonical NodeInfo, in registration
+    order: the state that servers sharing one node list would share. Connections stay with the
+    server holding them; the list names them by family and NodeID. What a shared store answers
+    over the network returns a Deferred; whether an ID is held here is answered at once."""
+
+    def announce(self, family: str, node_id: bytes, info_json: str, node: Node,
+                 expires: float) -> defer.Deferred[Node | None]:
+        """List the local connection ``node`` as the newest holder of ``node_id`` until
+        ``expires``; fires with the local connection that held the ID before, if any (a holder
+        elsewhere is told by its own server, whose rules call :meth:`Fledger.taken_over`)."""
+
+    def withdraw(self, family: str, node_id: bytes, node: Node) -> defer.Deferred[None]:
+        """Unlist ``node`` unless a newer connection took its ID."""
+
+    def renew(self, family: str, node_id: bytes, node: Node,
+              expires: float) -> defer.Deferred[None]:
+        """``node`` was active: its entry lasts until ``expires``. In process the connection's
+        own expiry withdraws it first; a shared store drops what a stopped server left."""
+
+    def entries(self, family: str) -> defer.Deferred[Sequence[str]]:
+        """The NodeInfo JSON of every listed node, oldest first; returning the same sequence
+        object while the list is unchanged lets the rules reuse the list frame."""
+
+    def holder(self, family: str, node_id: bytes) -> Node | None:
+        """The local connection listed under ``node_id``; None if none or held elsewhere."""
+
+    def holders(self, family: str) -> list[Node]:
+        """Every listed local connection of ``family``, oldest first."""
+
+    def forward(self, family: str, node_id: bytes | None, frame: bytes) -> defer.Deferred[None]:
+        """Deliver ``frame`` to the node listed under ``node_id`` that is held elsewhere (every
+        such node of the family if None); dropped silently if there is none."""
+
+
+@dataclass
+class Listed:
+    info_json: str
+    node: Node
+    expires: float
 
 
 class Registry:
-    """The announced nodes of one family, in registration order."""
+    """The listed nodes of one family, in registration order."""
 
-    def __init__(self, family: str):
-        self.family = family
-        self.nodes: dict[bytes, Node] = {}
-        self._list: bytes | None = None
+    def __init__(self) -> None:
+        self.nodes: dict[bytes, Listed] = {}
+        self._entries: tuple[str, ...] | None = None
 
-    def add(self, node_id: bytes, node: Node) -> Node | None:
-        """Register ``node`` as the newest entry; the node that held the ID before, if any."""
+    def add(self, node_id: bytes, listed: Listed) -> Listed | None:
+        """``listed`` as the newest entry; the entry that held the ID before, if any."""
         previous = self.nodes.pop(node_id, None)
-        self.nodes[node_id] = node
-        self._list = None
+        self.nodes[node_id] = listed
+        self._entries = None
         return previous
 
-    def remove(self, node: Node) -> None:
-        if node.node_id is not None and self.nodes.get(node.node_id) is node:
-            del self.nodes[node.node_id]
-            self._list = None
+    def remove(self, node_id: bytes, node: Node) -> None:
+        listed = self.nodes.get(node_id)
+        if listed is not None and listed.node is node:
+            del self.nodes[node_id]
+            self._entries = None
 
-    def list_frame(self, nodes: list[Node] | None = None) -> bytes:
-        if nodes is not None:
-            return list_frame(nodes)
-        if self._list is None:
-            self._list = list_frame(list(self.nodes.values()))
-        return self._list
+    def entries(self) -> tuple[str, ...]:
+        if self._entries is None:
+            self._entries = tuple(listed.info_json for listed in self.nodes.values())
+        return self._entries
 
 
-def list_frame(nodes: list[Node]) -> bytes:
-    return ('{"ListIDsReply":[' + ",".join(n.info_json or "" for n in nodes) + "]}").encode()
+class LocalNodeList:
+    """The node list of one process: every node is held here and every answer is ready at
+    once, so frames are handled as soon as they arrive."""
+
+    def __init__(self) -> None:
+        self.registries = {family: Registry() for family in FAMILIES}
+
+    def announce(self, family: str, node_id: bytes, info_json: str, node: Node,
+                 expires: float) -> defer.Deferred[Node | None]:
+        previous = self.registries[family].add(node_id, Listed(info_json, node, expires))
+        return defer.succeed(previous.node if previous is not None else None)
+
+    def withdraw(self, family: str, node_id: bytes, node: Node) -> defer.Deferred[None]:
+        self.registries[family].remove(node_id, node)
+        return defer.succeed(None)
+
+    def renew(self, family: str, node_id: bytes, node: Node,
+              expires: float) -> defer.Deferred[None]:
+        listed = self.registries[family].nodes.get(node_id)
+        if listed is not None and listed.node is node:
+            listed.expires = expires
+        return defer.succeed(None)
+
+    def entries(self, family: str) -> defer.Deferred[Sequence[str]]:
+        return defer.succeed(self.registries[family].entries())
+
+    def holder(self, family: str, node_id: bytes) -> Node | None:
+        listed = self.registries[family].nodes.get(node_id)
+        return listed.node if listed is not None else None
+
+    def holders(self, family: str) -> list[Node]:
+        return [listed.node for listed in self.registries[family].nodes.values()]
+
+    def forward(self, family: str, node_id: bytes | None, frame: bytes) -> defer.Deferred[None]:
+        return defer.succeed(None)  # nothing is held elsewhere
+
+
+def list_frame(entries: Iterable[str]) -> bytes:
+    return ('{"ListIDsReply":[' + ",".join(entries) + "]}").encode()
 
 
 @dataclass(frozen=True)
@@ -339,34 +398,38 @@ class Verification:
         return True
 
 
-class Fledger:
-    """Registries of every family, shared by all fledger listeners of a process."""
+def check_in_line(job: Verification) -> defer.Deferred[bool]:
+    """The default way to run a signature check: at once, on the caller's thread."""
+    return defer.maybeDeferred(job.check)
 
-    def __init__(self, node_ttl: float = 180.0, expire_action: str = "drop",
-                 system_realm: str | None = None, max_list_len: int = 0,
-                 announce_broadcast: bool = True, log_ids: bool = False,
+
+class Fledger:
+    """The rules for every fledger connection of a process, over one node list that all
+    fledger listeners share."""
+
+    def __init__(self, settings: Mapping[str, Any], node_list: NodeList | None = None, *,
+                 log_ids: bool = False,
                  random_bytes: Callable[[int], bytes] = os.urandom,
-                 fanout: Callable[[list[Peer], bytes], None] | None = None):
-        self.node_ttl = node_ttl
-        self.drop_expired = expire_action == "drop"
-        self.system_config = json.dumps({"SystemConfig": {"system_realm": system_realm}},
+                 fanout: Callable[[list[Peer], bytes], None] | None = None,
+                 check: Callable[[Verification], defer.Deferred[bool]] = check_in_line):
+        """``settings`` are the mode's, by the names of ``questsig.fledger.SETTINGS``."""
+        self.node_ttl: float = settings["node-ttl"]
+        self.drop_expired = settings["expire-action"] == "drop"
+        realm = settings["system-realm"]
+        self.system_config = json.dumps({"SystemConfig": {"system_realm": realm}},
                                         separators=(",", ":")).encode()
-        self.max_list_len = max_list_len
-        self.announce_broadcast = announce_broadcast
+        self.max_list_len: int = settings["max-list-len"]
+        self.announce_broadcast: bool = settings["announce-broadcast"]
+        self.node_list: NodeList = node_list if node_list is not None else LocalNodeList()
         self.log_ids = log_ids
         self.random_bytes = random_bytes
         #: sends one frame to many peers; the adapter frames it once for all of them
         self.fanout = fanout or send_each
-        self.registries = {family: Registry(family) for family in FAMILIES}
+        #: runs a signature check; the adapter runs it off the reactor thread
+        self.check = check
         self.nodes: dict[Node, None] = {}
-
-    @classmethod
-    def from_settings(cls, settings: Mapping[str, Any], log_ids: bool = False,
-                      fanout: Callable[[list[Peer], bytes], None] | None = None) -> Fledger:
-        return cls(node_ttl=settings["node-ttl"], expire_action=settings["expire-action"],
-                   system_realm=settings["system-realm"], max_list_len=settings["max-list-len"],
-                   announce_broadcast=settings["announce-broadcast"], log_ids=log_ids,
-                   fanout=fanout)
+        #: per family, the last entries seen and their list frame
+        self._list_frames: dict[str, tuple[Sequence[str], bytes]] = {}
 
     # -- connections -----------------------------------------------------------------------------
 
@@ -383,13 +446,25 @@ class Fledger:
     def disconnect(self, node: Node) -> None:
         """The connection is gone; nobody is told."""
         node.challenge = None
+        node.arrivals.clear()
         self.nodes.pop(node, None)
         self._unregister(node)
 
     def expire(self, now: float) -> int:
-        """Expire connections silent for ``node_ttl``; how many expired."""
-        expired = [node for node in self.nodes
-                   if not node.expired and now - node.last_active >= self.node_ttl]
+        """Expire connections silent for ``node_ttl``, renew the others' entries; how many
+        expired."""
+        expired = []
+        for node in self.nodes:
+            if node.expired:
+                continue
+            if now - node.last_active >= self.node_ttl:
+                expired.append(node)
+            elif node.node_id is not None and node.family is not None:
+                until = node.last_active + self.node_ttl
+                if until != node.listed_until:
+                    node.listed_until = until
+                    background(self.node_list.renew(node.family, node.node_id, node, until),
+                               "fledger: renewing an entry")
         for node in expired:
             node.expired = True
             node.challenge = None
@@ -401,19 +476,49 @@ class Fledger:
 
     def _unregister(self, node: Node) -> None:
         if node.node_id is not None and node.family is not None:
-            self.registries[node.family].remove(node)
+            background(self.node_list.withdraw(node.family, node.node_id, node),
+                       "fledger: withdrawing an entry")
             if self.log_ids:
                 log.info("fledger: {id} left ({family})", id=node.node_id.hex(),
                          family=node.family)
         node.node_id = None
-        node.info_json = None
+
+    def taken_over(self, node: Node) -> None:
+        """Another connection announced ``node``'s ID: ``node`` loses it but stays open."""
+        node.node_id = None
+        if node.family == "0.10":
+            node.peer.send(ERROR_SAME_ID)
 
     # -- frames ----------------------------------------------------------------------------------
 
-    def receive(self, node: Node, text: str, now: float) -> Verification | None:
-        """One text frame, received at ``now``. An Announce that needs its signature checked
-        comes back as a job: run ``job.check()`` and hand the result to :meth:`verified` before
-        giving this connection's next frame."""
+    def handle(self, node: Node, text: str, now: float) -> defer.Deferred[None] | None:
+        """One text frame of ``node``, received at ``now``. A connection's frames are handled
+        strictly in order: while one waits (its signature being checked, the node list
+        answering), the later ones wait behind it. None once every frame so far is handled,
+        else a Deferred that fires when they are, or fails with a bug, which has dropped the
+        connection and been logged (the adapter reads no more meanwhile)."""
+        node.arrivals.run(self._step, node, text, now)
+        return node.arrivals.drained()
+
+    def _step(self, node: Node, text: str, now: float) -> defer.Deferred[Any] | None:
+        found = self.receive(node, text, now)
+        if not isinstance(found, Verification):
+            return found
+        d = self.check(found)
+        d.addErrback(self._check_failed)
+        d.addCallback(lambda valid: self.verified(found, valid))
+        return d
+
+    @staticmethod
+    def _check_failed(failure: Failure) -> bool:
+        log.failure("fledger: signature check failed", failure)
+        return False
+
+    def receive(self, node: Node, text: str,
+                now: float) -> Verification | defer.Deferred[None] | None:
+        """One text frame, received at ``now``, outside :meth:`handle`'s ordering. An Announce
+        that needs its signature checked comes back as a job (run ``job.check()``, hand the
+        result to :meth:`verified`); a frame that waits on the node list, as its Deferred."""
         node.last_active = max(node.last_active, now)
         try:
             found = variant(strict_json.parse(text))
@@ -423,22 +528,30 @@ class Fledger:
             return None
         kind, body = found
         if kind == LIST_REQUEST and body is None:
-            self._list_requested(node)
-        elif kind == "Announce":
+            return self._list_requested(node)
+        if kind == "Announce":
             return self._announce(node, body)
-        elif kind == "PeerSetup":
-            self._peer_setup(node, body)
+        if kind == "PeerSetup":
+            return self._peer_setup(node, body)
         return None  # NodeStats, ClearNodes, unknown: ignored
 
-    def _list_requested(self, node: Node) -> None:
-        registry = self.registries[node.family or UNDETECTED_FAMILY]
-        if self.max_list_len and len(registry.nodes) > self.max_list_len:
+    def _list_requested(self, node: Node) -> defer.Deferred[None]:
+        family = node.family or UNDETECTED_FAMILY
+        return self.node_list.entries(family).addCallback(self._send_list, node, family)
+
+    def _send_list(self, entries: Sequence[str], node: Node, family: str) -> None:
+        if self.max_list_len and len(entries) > self.max_list_len:
             # the same seed each time: one connection sees one subset while the set is unchanged
-            entries = list(registry.nodes.values())
             picked = random.Random(node.list_seed).sample(range(len(entries)), self.max_list_len)
-            node.peer.send(registry.list_frame([entries[i] for i in sorted(picked)]))
+            node.peer.send(list_frame(entries[i] for i in sorted(picked)))
         else:
-            node.peer.send(registry.list_frame())
+            node.peer.send(self._list_frame(family, entries))
+
+    def _list_frame(self, family: str, entries: Sequence[str]) -> bytes:
+        cached = self._list_frames.get(family)
+        if cached is None or cached[0] is not entries:
+            cached = self._list_frames[family] = (entries, list_frame(entries))
+        return cached[1]
 
     def _announce(self, node: Node, body: Any) -> Verification | None:
         if not isinstance(body, dict) or any(
@@ -461,45 +574,56 @@ class Fledger:
             return None
         return Verification(node, node.challenge, family, info, signature)
 
-    def verified(self, job: Verification, valid: bool) -> None:
-        """The outcome of ``job.check()``: register the node if the signature is good."""
+    def verified(self, job: Verification, valid: bool) -> defer.Deferred[None] | None:
+        """The outcome of ``job.check()``: list the node if the signature is good."""
         node = job.node
         if not valid or node.challenge is not job.challenge:
-            return  # bad signature (the challenge stays), or gone or expired meanwhile
-        registry = self.registries[job.family]
+            return None  # bad signature (the challenge stays), or gone or expired meanwhile
         node_id = job.info.pubkey
         node.challenge = None
         node.node_id = node_id
-        node.info_json = job.info.to_json(job.family)
-        previous = registry.add(node_id, node)
+        node.listed_until = node.last_active + self.node_ttl
+        d = self.node_list.announce(job.family, node_id, job.info.to_json(job.family), node,
+                                    node.listed_until)
+        return d.addCallback(self._announced, node, node_id, job.family)
+
+    def _announced(self, previous: Node | None, node: Node, node_id: bytes,
+                   family: str) -> defer.Deferred[None] | None:
         if previous is not None:
-            previous.node_id = None
-            previous.info_json = None
-            if job.family == "0.10":
-                previous.peer.send(ERROR_SAME_ID)
+            self.taken_over(previous)
         if self.log_ids:
             log.info("fledger: {id} announced ({family}{takeover})", id=node_id.hex(),
-                     family=job.family, takeover=", took the ID over" if previous else "")
-        if job.family == "0.10":
-            node.peer.send(self.system_config)
-            if self.announce_broadcast:
-                self.fanout([other.peer for other in registry.nodes.values()
-                             if other is not node], registry.list_frame())
+                     family=family, takeover=", took the ID over" if previous else "")
+        if family != "0.10" or node.node_id != node_id:
+            return None  # nothing more for old families, or gone while the list answered
+        node.peer.send(self.system_config)
+        if not self.announce_broadcast:
+            return None
+        return self.node_list.entries(family).addCallback(self._push, node, family)
 
-    def _peer_setup(self, node: Node, body: Any) -> None:
+    def _push(self, entries: Sequence[str], node: Node, family: str) -> defer.Deferred[None]:
+        frame = self._list_frame(family, entries)
+        self.fanout([other.peer for other in self.node_list.holders(family) if other is not node],
+                    frame)
+        return self.node_list.forward(family, None, frame)
+
+    def _peer_setup(self, node: Node, body: Any) -> defer.Deferred[None] | None:
         if node.node_id is None or node.family is None or not isinstance(body, dict):
-            return
+            return None
         id_init, id_follow = u256(body.get("id_init")), u256(body.get("id_follow"))
         message = peer_message(body.get("message"))
         if id_init is None or id_follow is None or message is None:
-            return
+            return None
         if node.node_id == id_init:
             destination = id_follow
         elif node.node_id == id_follow:
             destination = id_init
         else:
-            return  # nobody may inject setup messages for others
-        target = self.registries[node.family].nodes.get(destination)
+            return None  # nobody may inject setup messages for others
+        frame = b'{"PeerSetup":{"id_init":"%s","id_follow":"%s","message":%s}}' % (
+            id_init.hex().encode(), id_follow.hex().encode(), message.encode())
+        target = self.node_list.holder(node.family, destination)
         if target is not None:
-            target.peer.send(b'{"PeerSetup":{"id_init":"%s","id_follow":"%s","message":%s}}' % (
-                id_init.hex().encode(), id_follow.hex().encode(), message.encode()))
+            target.peer.send(frame)  # held here: delivered at once, never through the list
+            return None
+        return self.node_list.forward(node.family, destination, frame)

@@ -10,12 +10,20 @@ from typing import Any, Mapping
 
 from questsig.app import Context, ModeService
 from questsig.hub.adapter import HubService
-from questsig.hub.core import _hosts
 from questsig.settings import (LISTENER, MODE, Setting, boolean, choice, count, optional_text,
                                seconds, text, websocket_limits)
 
 NAME = "hub"
 DEFAULT_PREFIX = "/hub"
+
+
+def _hosts(value: Any) -> tuple[str, ...]:
+    """push-allowed-hosts: a list of host names, or one comma-separated string."""
+    if isinstance(value, str):
+        value = [h for h in value.split(",") if h.strip()]
+    if not isinstance(value, (list, tuple)) or not all(isinstance(h, str) for h in value):
+        raise ValueError("must be a list of host names")
+    return tuple(h.strip().lower().lstrip(".") for h in value)
 
 
 SETTINGS: tuple[Setting, ...] = (

@@ -38,7 +38,7 @@ class HubService(ModeService):
         if settings.get("push-vapid-key") or settings.get("push-vapid-subject"):
             from questsig.hub.push import make_push_service
 
-            self.push = make_push_service(settings, context, self.hub)
+            self.push = make_push_service(settings, context)
             self.push.setServiceParent(self)
             self.hub.push = self.push
 

@@ -1,4 +1,4 @@
-"""Mode ``hub``: rustysignal-compatible signaling (spec: shared specs/hub.md).
+"""Mode ``hub``: rustysignal-compatible signaling (docs/protocols/hub.md).
 
 Wire protocol, one WebSocket per client, ``?user=NAME`` in the URL::
 
@@ -11,33 +11,35 @@ Wire protocol, one WebSocket per client, ``?user=NAME`` in the URL::
 
 This module is the transport-free core: a connection is anything with ``send(bytes)`` and
 ``close(code, reason)``. The Autobahn adapter is :mod:`questsig.hub.adapter`.
+
+State seam: the name table (which name is held by which connection) and the broadcast set are
+what spans connections; they sit behind :class:`NameTable`, held in process by
+:class:`LocalNameTable`. A shared table (several nodes) answers a name claim, "is this name
+online" and delivery to a name held elsewhere over the network, so those return Deferreds; the
+in-process table fires them at once. Connections, their parsing and their error texts stay per
+node: a one-to-one to a name held by a local connection is sent directly, and while a rule
+waits on the table, that connection's later messages wait behind it, in order.
 """
 from __future__ import annotations
 
 import json
 import re
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping, Protocol
+from typing import Any, Callable, Collection, Mapping, Protocol
 from urllib.parse import parse_qs
 
+from twisted.internet import defer
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
-from questsig.peer import send_each
+from questsig.peer import Arrivals, Peer, send_each
 from questsig import strict_json
 
 
 log = Logger()
 
 
-def _hosts(value: Any) -> tuple[str, ...]:
-    if isinstance(value, str):
-        value = [h for h in value.split(",") if h.strip()]
-    if not isinstance(value, (list, tuple)) or not all(isinstance(h, str) for h in value):
-        raise ValueError("must be a list of host names")
-    return tuple(h.strip().lower().lstrip(".") for h in value)
-
-
-# -- exact texts (spec §5.2) ---------------------------------------------------------------------
+# -- exact texts ---------------------------------------------------------------------
 
 USERNAME_TAKEN = "The username is taken"
 INVALID_PROTOCOL = {
@@ -68,14 +70,8 @@ def not_found(dialect: str, target: str) -> str:
 # -- parts of the rules --------------------------------------------------------------------------
 
 
-class Peer(Protocol):
-    def send(self, payload: bytes, binary: bool = False) -> None: ...
-
-    def close(self, code: int, reason: str = "") -> None: ...
-
-
 class PushSink(Protocol):
-    """What the hub asks of Web Push (spec §8); see :mod:`questsig.hub.push`."""
+    """What the hub asks of Web Push; see :mod:`questsig.hub.push`."""
 
     def subscribe(self, name: str, data: Any) -> bool:
         """Store ``data`` as ``name``'s subscription; False if it is not valid."""
@@ -86,11 +82,11 @@ class PushSink(Protocol):
 
 @dataclass(frozen=True)
 class HubListener:
-    """The listener-scope settings of one hub mount."""
+    """The listener-scope settings of one hub mount (their defaults are the hub's SETTINGS)."""
 
-    dialect: str = "master"
-    target_field: str = "both"
-    json_errors: bool = True
+    dialect: str
+    target_field: str
+    json_errors: bool
 
     @classmethod
     def from_settings(cls, settings: Mapping[str, Any]) -> HubListener:
@@ -99,7 +95,7 @@ class HubListener:
 
 
 def name_from_target(raw_target: bytes) -> str | None:
-    """The registered name a request-target asks for, by master's rule (spec §3); None is
+    """The registered name a request-target asks for, by master's rule; None is
     anonymous."""
     try:
         target = raw_target.decode("utf-8")
@@ -122,63 +118,174 @@ def wants_json_errors(raw_target: bytes) -> bool:
 class Client:
     """One open hub connection."""
 
-    __slots__ = ("peer", "name", "listener", "json_errors")
+    __slots__ = ("peer", "name", "listener", "json_errors", "open", "arrivals")
 
     def __init__(self, peer: Peer, name: str | None, listener: HubListener, json_errors: bool):
         self.peer = peer
         self.name = name
         self.listener = listener
         self.json_errors = json_errors
+        self.open = True
+        #: its messages in arrival order: one that waits on the table holds back the ones after
+        self.arrivals = Arrivals(self._failed)
+
+    def _failed(self, failure: Failure) -> None:
+        # as for an exception in a message handler: it costs this connection only
+        log.failure("hub: failed to handle a message", failure)
+        self.peer.close(1011, "internal error")
+
+
+# -- the state seam ------------------------------------------------------------------------------
+
+
+class NameTable(Protocol):
+    """Who is on the hub: the registered names and the broadcast set.
+
+    Operations a table shared by several nodes would answer over the network return Deferreds;
+    a name held by a connection of this process is found synchronously in :attr:`local`.
+    """
+
+    @property
+    def local(self) -> Mapping[str, Client]:
+        """Name -> the connection of this process that holds it (the direct path)."""
+
+    @property
+    def members(self) -> Collection[Client]:
+        """Every open connection of this process, in join order: one-to-all reaches these
+        directly."""
+
+    def add(self, client: Client) -> None:
+        """``client`` opened: it receives broadcasts from now on."""
+
+    def remove(self, client: Client) -> None:
+        """``client`` closed: no more broadcasts (its name is released apart)."""
+
+    def claim(self, name: str, client: Client) -> defer.Deferred[bool]:
+        """Register ``name`` for ``client`` if nobody holds it; fires with whether it did."""
+
+    def release(self, name: str, client: Client) -> None:
+        """Free ``name`` if ``client`` holds it (a closing duplicate frees nothing)."""
+
+    def online(self, name: str) -> defer.Deferred[bool]:
+        """Fires with whether any open connection, here or elsewhere, holds ``name``."""
+
+    def forward(self, name: str, payload: bytes) -> defer.Deferred[bool]:
+        """Deliver ``payload`` to ``name`` held elsewhere (not in :attr:`local`); fires with
+        whether anyone held it."""
+
+    def forward_all(self, payload: bytes) -> None:
+        """Deliver a one-to-all ``payload`` to the connections elsewhere."""
+
+
+class LocalNameTable:
+    """The name table of one process: every connection is local, so every answer is at once."""
+
+    def __init__(self) -> None:
+        self.names: dict[str, Client] = {}
+        self.clients: dict[Client, None] = {}  # ordered set: broadcast order is join order
+
+    @property
+    def local(self) -> Mapping[str, Client]:
+        return self.names
+
+    @property
+    def members(self) -> Collection[Client]:
+        return self.clients.keys()
+
+    def add(self, client: Client) -> None:
+        self.clients[client] = None
+
+    def remove(self, client: Client) -> None:
+        self.clients.pop(client, None)
+
+    def claim(self, name: str, client: Client) -> defer.Deferred[bool]:
+        if name in self.names:
+            return defer.succeed(False)
+        self.names[name] = client
+        return defer.succeed(True)
+
+    def release(self, name: str, client: Client) -> None:
+        if self.names.get(name) is client:
+            del self.names[name]
+
+    def online(self, name: str) -> defer.Deferred[bool]:
+        return defer.succeed(name in self.names)
+
+    def forward(self, name: str, payload: bytes) -> defer.Deferred[bool]:
+        return defer.succeed(False)
+
+    def forward_all(self, payload: bytes) -> None:
+        pass
+
+
+# -- the rules -----------------------------------------------------------------------------------
 
 
 class Hub:
-    """The name table and broadcast set shared by every hub listener of a process."""
+    """The rules of every hub listener of a process, over one shared :class:`NameTable`."""
 
-    def __init__(self, max_connections: int = 0, push: PushSink | None = None,
+    def __init__(self, max_connections: int, push: PushSink | None = None,
                  log_names: bool = False,
-                 fanout: Callable[[list[Peer], bytes], None] | None = None):
+                 fanout: Callable[[list[Peer], bytes], None] | None = None,
+                 table: NameTable | None = None):
         self.max_connections = max_connections
         self.push = push
         self.log_names = log_names
         #: sends one payload to many peers (the adapter frames it once for all)
         self.fanout = fanout or send_each
-        self.names: dict[str, Client] = {}
-        self.clients: dict[Client, None] = {}  # ordered set: broadcast order is join order
+        self.table: NameTable = table if table is not None else LocalNameTable()
+
+    @property
+    def names(self) -> Mapping[str, Client]:
+        """Name -> the connection of this process that holds it."""
+        return self.table.local
 
     @property
     def full(self) -> bool:
-        return bool(self.max_connections) and len(self.clients) >= self.max_connections
+        return bool(self.max_connections) and len(self.table.members) >= self.max_connections
 
-    def join(self, peer: Peer, raw_target: bytes, listener: HubListener = HubListener()) -> Client:
+    def join(self, peer: Peer, raw_target: bytes, listener: HubListener) -> Client:
         """A WebSocket finished its handshake; register its name if it is free."""
         name = name_from_target(raw_target)
         json_errors = listener.json_errors and wants_json_errors(raw_target)
         client = Client(peer, None, listener, json_errors)
-        self.clients[client] = None
+        self.table.add(client)
         if name is not None:
-            if name in self.names:
-                self._error(client, "username-taken", USERNAME_TAKEN)
-            else:
-                client.name = name
-                self.names[name] = client
-                if self.log_names:
-                    log.info("hub: {name!r} registered", name=name)
+            client.arrivals.hold(self.table.claim(name, client).addCallback(
+                self._claimed, client, name))
         return client
 
+    def _claimed(self, claimed: bool, client: Client, name: str) -> None:
+        if not client.open:  # closed while the claim was under way
+            if claimed:
+                self.table.release(name, client)
+        elif claimed:
+            client.name = name
+            if self.log_names:
+                log.info("hub: {name!r} registered", name=name)
+        else:
+            self._error(client, "username-taken", USERNAME_TAKEN)
+
     def leave(self, client: Client) -> None:
-        self.clients.pop(client, None)
-        if client.name is not None and self.names.get(client.name) is client:
-            del self.names[client.name]
+        client.open = False
+        client.arrivals.clear()
+        self.table.remove(client)
+        if client.name is not None:
+            self.table.release(client.name, client)
             if self.log_names:
                 log.info("hub: {name!r} left", name=client.name)
 
     def receive(self, client: Client, payload: bytes) -> None:
         """One message (text, or binary that must be UTF-8) from ``client``."""
+        client.arrivals.run(self._handle, client, payload)
+
+    def _handle(self, client: Client, payload: bytes) -> defer.Deferred[Any] | None:
+        """Route one message; a Deferred if the rest of it waits on the table."""
         try:
             text = payload.decode("utf-8")
         except UnicodeDecodeError:
             client.peer.close(1007, "invalid UTF-8")
-            return
+            return None
         try:
             message = strict_json.parse(text)
         except ValueError:
@@ -186,25 +293,36 @@ class Hub:
         dialect = client.listener.dialect
         if not isinstance(message, dict):
             self._error(client, "invalid-protocol", INVALID_PROTOCOL[dialect])
-            return
+            return None
         protocol = message.get("protocol")
+        routed: defer.Deferred[Any] | None = None
         if protocol == "one-to-one":
             target = self.target(message, client.listener)
             if target is None:
                 self._error(client, "missing-target", MISSING_TARGET[dialect])
-            elif target in self.names:
-                self.names[target].peer.send(payload)
+            elif (holder := self.table.local.get(target)) is not None:
+                holder.peer.send(payload)
             else:
-                self._error(client, "not-found", not_found(dialect, target), target=target)
+                routed = self.table.forward(target, payload).addCallback(
+                    self._forwarded, client, target)
         elif protocol == "one-to-all":
-            self.fanout([other.peer for other in self.clients], payload)
+            self.fanout([other.peer for other in self.table.members], payload)
+            self.table.forward_all(payload)
         elif protocol == "one-to-self":
             client.peer.send(payload)
         else:
             self._error(client, "invalid-protocol", INVALID_PROTOCOL[dialect])
         action = message.get("action")
-        if action in PUSH_ACTIONS:
-            self._push_action(client, message, action)
+        if action not in PUSH_ACTIONS:
+            return routed
+        if routed is None:
+            return self._push_action(client, message, action)
+        return routed.addCallback(lambda _: self._push_action(client, message, action))
+
+    def _forwarded(self, delivered: bool, client: Client, target: str) -> None:
+        if not delivered and client.open:
+            self._error(client, "not-found", not_found(client.listener.dialect, target),
+                        target=target)
 
     @staticmethod
     def target(message: dict[str, Any], listener: HubListener) -> str | None:
@@ -215,25 +333,33 @@ class Hub:
                 return value
         return None
 
-    def _push_action(self, client: Client, message: dict[str, Any], action: str) -> None:
-        if self.push is None:
+    def _push_action(self, client: Client, message: dict[str, Any],
+                     action: str) -> defer.Deferred[Any] | None:
+        push = self.push
+        if push is None:
             self._push_rejected(client, "disabled")
-            return
-        if client.name is None:
+            return None
+        sender = client.name
+        if sender is None:
             log.info("hub: ignored {action} from an anonymous connection", action=action)
             self._push_rejected(client, "anonymous")
-            return
+            return None
         if action == "subscribe-push":
-            if not self.push.subscribe(client.name, message.get("subscriptionData")):
+            if not push.subscribe(sender, message.get("subscriptionData")):
                 log.info("hub: refused an invalid push subscription")
                 self._push_rejected(client, "invalid-subscription")
-        else:
-            target = self.target(message, client.listener)
-            if target is not None:
-                self.push.connection_request(client.name, target, online=target in self.names)
+            return None
+        target = self.target(message, client.listener)
+        if target is None:
+            return None
+        if target in self.table.local:
+            push.connection_request(sender, target, online=True)
+            return None
+        return self.table.online(target).addCallback(
+            lambda online: push.connection_request(sender, target, online=online))
 
     def _push_rejected(self, client: Client, reason: str) -> None:
-        # plain-text clients never see this: it exists only as a JSON error (spec §9)
+        # plain-text clients never see this: it exists only as a JSON error
         if client.json_errors:
             self._error(client, "push-rejected", PUSH_REJECTED[reason], reason=reason)
 

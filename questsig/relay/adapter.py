@@ -2,7 +2,7 @@
 
 Everything upstream answered before the upgrade (404 for bad paths and methods, 400 with the
 reason in the status line for bad handshake headers) is answered here, before Autobahn sees
-the request, because Autobahn's own refusals use other texts (spec §3).
+the request, because Autobahn's own refusals use other texts.
 """
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from questsig.relay.core import PairRelay, RelayClient, room_id
 from questsig.websocket import (POLICY_VIOLATION, Connection, WebSocketResource,
                                 is_upgrade, limits, make_factory)
 
-#: spec §6: a peer silent after our Close is dropped after this long
+#: a peer silent after our Close is dropped after this long
 CLOSE_HANDSHAKE_TIMEOUT = 1.0
 SUPPORTED_VERSIONS = (b"13", b"8")
 
@@ -46,7 +46,7 @@ class RelayConnection(Connection):
 class RelayService(ModeService):
     def __init__(self, settings: Mapping[str, Any], context: Context):
         super().__init__(settings, context)
-        #: one pairing state per mount (spec §5.7), in the order the mounts were built
+        #: one pairing state per mount, in the order the mounts were built
         self.relays: list[tuple[Mount, PairRelay]] = []
 
     def relay(self, path: str, endpoint: str | None = None) -> PairRelay:
@@ -58,8 +58,7 @@ class RelayService(ModeService):
 
     def resource(self, mount: Mount) -> WebSocketResource:
         s = mount.settings
-        relay = PairRelay(binary=s["binary"], strict_control=s["strict_control"],
-                          log_ids=self.context.log_requests)
+        relay = PairRelay.from_settings(s, log_ids=self.context.log_requests)
         self.relays.append((mount, relay))
         factory = make_factory(
             RelayConnection, self.context.connections,
@@ -82,7 +81,7 @@ class RelayService(ModeService):
 
 def refusal(request: Any, max_id_length: int) -> Refusal | None:
     """The answer to a request that must not be upgraded, by the first failing row of the
-    table in spec §3; None lets Autobahn check the rest and upgrade."""
+    table in docs/protocols/pair-relay.md; None lets Autobahn check the rest and upgrade."""
     subpath = b"/" + b"/".join(request.postpath)
     if room_id(subpath, max_id_length) is None or request.method != b"GET":
         return 404, b"", None

@@ -1,7 +1,9 @@
 """Mode ``router``: ws_router-compatible lobbies and host-client registrations.
 
 The face of the mode: its name, default prefix, settings and service. The rules and the wire
-protocol are in :mod:`questsig.router.core`, the Autobahn glue in :mod:`questsig.router.adapter`.
+protocol are in :mod:`questsig.router.core`, the HTTP routes in :mod:`questsig.router.http`, the
+Autobahn connection and the service in :mod:`questsig.router.adapter`, the SQLite store in
+:mod:`questsig.router.store`.
 """
 from __future__ import annotations
 
@@ -9,12 +11,27 @@ from typing import Any, Mapping
 
 from questsig.app import Context, ModeService
 from questsig.router.adapter import RouterService
-from questsig.router.core import _id_length, _modes
+from questsig.router.core import REG_TYPE_MODES
 from questsig.settings import (LISTENER, Setting, boolean, choice, optional_text, positive, seconds,
                                text, websocket_limits)
 
 NAME = "router"
 DEFAULT_PREFIX = "/router"
+
+
+def _modes(value: Any) -> tuple[str, ...]:
+    if isinstance(value, str):
+        value = [v.strip() for v in value.split(",") if v.strip()]
+    if (not isinstance(value, (list, tuple)) or not value
+            or any(v not in REG_TYPE_MODES.values() for v in value)):
+        raise ValueError('must be a non-empty list of "lobby" and "host-client"')
+    return tuple(dict.fromkeys(value))
+
+
+def _id_length(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 6 <= value <= 64:
+        raise ValueError("must be an integer from 6 to 64")
+    return value
 
 
 SETTINGS: tuple[Setting, ...] = (

@@ -1,5 +1,4 @@
-"""Mode ``router``: ws_router-compatible lobby and host-client relay (spec: shared
-specs/router.md).
+"""Mode ``router``: ws_router-compatible lobby and host-client relay (docs/protocols/router.md).
 
 HTTP, below the mount prefix (only the first path segment selects the route)::
 
@@ -17,9 +16,38 @@ WebSocket, per registration::
        bad frames, 1008 "send buffer overflow" for a receiver that does not read
 
 This module is the transport-free core (no reactor: a clock is passed in, sockets are anything
-with ``send``/``close``, key hashing and the store answer with Deferreds). The twisted.web
-resource and the Autobahn adapter are :mod:`questsig.router.adapter`; the store is
-:mod:`questsig.router.store`.
+with ``send``/``close``, key hashing answers with Deferreds). The HTTP routes are
+:mod:`questsig.router.http`, the Autobahn connection and the service
+:mod:`questsig.router.adapter`, the SQLite store :mod:`questsig.router.store`.
+
+State seam. Shared state sits behind two interfaces, so that several nodes can serve one set of
+registrations: :class:`Registrations` (the records: id, type, key hashes, times; lookups and
+changes answer with Deferreds, a change once committed, and an insert never overwrites) and
+:class:`Members` (which sockets each registration has: counted across nodes with Deferreds,
+this node's handed out synchronously). Per node stay the sockets themselves, handshakes in
+progress, the expiry timers, and :attr:`Router.registrations`, this node's state of each
+registration it has seen: a cache, which the rules fill from the store's answers and never ask
+whether a registration exists (``/connect``, ``/remove``, re-registration and expiry look the
+id up in the store). The relay delivers to this node's sockets directly and synchronously, and
+hands the message to :meth:`Members.forward` for the others, so a sender's frames keep their
+order. The defaults, :class:`LocalRegistrations` and :class:`LocalMembers`, answer with
+Deferreds that have already fired.
+
+Removals. A removal decided here (``/remove``, expiry) closes this node's sockets directly, in
+the order /remove documents, and then deletes the record. A removal decided on another node reaches
+the rules through :meth:`Registrations.watch` and closes this node's sockets with the same
+Close; the local implementations never report anything, since no one else writes their
+records, and a report of this node's own removal finds nothing left to close. A lookup that
+finds a newer registration under an id ends the older one seen here, in case its report is
+late.
+
+Expiry. Each node arms the timers of the registrations it has seen, so several nodes may time
+one registration out. The decision goes through the store: at expiry the record is looked up
+again (renewed elsewhere: the timer is armed anew from the stored time), and the delete names
+the ``registered_at`` the node saw. A shared implementation must compare and delete in one
+step (a renewal and an expiry on two nodes never both succeed), report every removal to every
+other node's listener, and never answer a lookup asked after a delete of this node with the
+deleted record.
 """
 from __future__ import annotations
 
@@ -27,15 +55,14 @@ import hashlib
 import hmac
 import os
 import secrets
-from dataclasses import dataclass, field, replace
-from typing import Any, Callable, Iterable, Mapping, Protocol, Sequence
+from dataclasses import dataclass, replace
+from typing import Any, Callable, Collection, Iterable, Mapping, Protocol, Sequence
 from urllib.parse import unquote_to_bytes
 
 from twisted.internet import defer
 from twisted.logger import Logger
 
-from questsig.peer import send_each
-from questsig.router.store import Record
+from questsig.peer import background, send_each
 
 
 log = Logger()
@@ -52,22 +79,7 @@ REMOVED_REASON = "registration removed"
 SEND_BUFFER_OVERFLOW_REASON = "send buffer overflow"
 
 
-def _modes(value: Any) -> tuple[str, ...]:
-    if isinstance(value, str):
-        value = [v.strip() for v in value.split(",") if v.strip()]
-    if (not isinstance(value, (list, tuple)) or not value
-            or any(v not in REG_TYPE_MODES.values() for v in value)):
-        raise ValueError('must be a non-empty list of "lobby" and "host-client"')
-    return tuple(dict.fromkeys(value))
-
-
-def _id_length(value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or not 6 <= value <= 64:
-        raise ValueError("must be an integer from 6 to 64")
-    return value
-
-
-# -- errors (spec §3) ----------------------------------------------------------------------------
+# -- errors ----------------------------------------------------------------------------
 
 #: name -> (status with error_status "upstream", status with "semantic")
 ERROR_STATUS: dict[str, tuple[int, int]] = {
@@ -104,7 +116,7 @@ class UnknownRegistration(Exception):
     """No registration with this id: ``404`` with an empty body."""
 
 
-# -- query strings (spec §3) ---------------------------------------------------------------------
+# -- query strings ---------------------------------------------------------------------
 
 
 def parse_query(raw: bytes) -> list[tuple[str, str]]:
@@ -138,7 +150,7 @@ def route_parameters(pairs: Iterable[tuple[str, str]], names: Sequence[str],
     return found
 
 
-# -- keys (spec §7.3) ----------------------------------------------------------------------------
+# -- keys ----------------------------------------------------------------------------
 
 SCRYPT = {"n": 2 ** 14, "r": 8, "p": 1, "dklen": 32}
 
@@ -169,7 +181,7 @@ class KeyHashing:
         return self.run(lambda: all([key_matches(*check) for check in checks]))
 
 
-# -- registrations -------------------------------------------------------------------------------
+# -- registrations and their members (the state seam) ------------------------------------------
 
 
 class Socket(Protocol):
@@ -184,28 +196,126 @@ class Clock(Protocol):
     def callLater(self, delay: float, fn: Callable[..., Any], *args: Any) -> Any: ...
 
 
-class RegistrationStore(Protocol):
-    def insert(self, record: Record) -> defer.Deferred[bool]: ...
+@dataclass(frozen=True)
+class Record:
+    """What is kept of a registration across restarts (never its sockets or its keys)."""
 
-    def update(self, reg_id: str, key_salt: bytes, **changes: Any) -> defer.Deferred[None]: ...
+    id: str
+    reg_type: str
+    key_salt: bytes
+    key_hash: bytes
+    host_key_salt: bytes
+    host_key_hash: bytes
+    registered_at: float
+    connected: bool = False
 
-    def delete(self, reg_id: str, key_salt: bytes) -> defer.Deferred[None]: ...
+    def same(self, key_salt: bytes, registered_at: float | None = None) -> bool:
+        """Whether this is the registration with that salt (and, when given, that
+        ``registered_at``): the condition of a delete."""
+        return self.key_salt == key_salt and registered_at in (None, self.registered_at)
+
+
+class Registrations(Protocol):
+    """The shared set of registration records. A record is named by its id *and* its key salt,
+    so changing or deleting an old registration never touches a newer one that reuses the id.
+
+    Answers may come later, but an answer never predates a delete this node asked for before
+    it: a lookup asked after a delete does not return the deleted record."""
+
+    def load(self) -> list[Record]:
+        """Every record, at start before anything is served (may block)."""
+
+    def get(self, reg_id: str) -> defer.Deferred[Record | None]:
+        """The current record of this id, or None."""
+
+    def count(self) -> defer.Deferred[int]:
+        """How many records there are."""
+
+    def records(self) -> defer.Deferred[list[Record]]:
+        """Every record, in any order."""
+
+    def insert(self, record: Record) -> defer.Deferred[bool]:
+        """Add a record once committed; False, and nothing changed, if its id is taken."""
+
+    def update(self, reg_id: str, key_salt: bytes, **changes: Any) -> defer.Deferred[None]:
+        """Change ``registered_at`` or ``connected`` of that registration, if still there."""
+
+    def delete(self, reg_id: str, key_salt: bytes,
+               registered_at: float | None = None) -> defer.Deferred[bool]:
+        """Delete that registration, if still there and, when ``registered_at`` is given, not
+        renewed since (compared and deleted in one step); fires with whether it was deleted."""
+
+    def watch(self, on_removed: Callable[[str, bytes], None]) -> None:
+        """Have ``on_removed(reg_id, key_salt)`` called for every registration that another
+        node removes. Duplicates, and this node's own removals, are harmless."""
+
+    def close(self) -> defer.Deferred[None]:
+        """Finish pending changes and let go of the store."""
+
+
+class LocalRegistrations:
+    """Registrations in this process, forgotten on restart (``store = "memory"``, as upstream
+    keeps them); every answer has already fired. Nothing else writes them, so listeners are
+    kept but never called."""
+
+    def __init__(self) -> None:
+        self.rows: dict[str, Record] = {}
+        self.listeners: list[Callable[[str, bytes], None]] = []
+
+    def load(self) -> list[Record]:
+        return list(self.rows.values())
+
+    def get(self, reg_id: str) -> defer.Deferred[Record | None]:
+        return defer.succeed(self.rows.get(reg_id))
+
+    def count(self) -> defer.Deferred[int]:
+        return defer.succeed(len(self.rows))
+
+    def records(self) -> defer.Deferred[list[Record]]:
+        return defer.succeed(list(self.rows.values()))
+
+    def insert(self, record: Record) -> defer.Deferred[bool]:
+        if record.id in self.rows:
+            return defer.succeed(False)
+        self.rows[record.id] = record
+        return defer.succeed(True)
+
+    def update(self, reg_id: str, key_salt: bytes, **changes: Any) -> defer.Deferred[None]:
+        row = self.rows.get(reg_id)
+        if row is not None and row.key_salt == key_salt:
+            self.rows[reg_id] = replace(row, **changes)
+        return defer.succeed(None)
+
+    def delete(self, reg_id: str, key_salt: bytes,
+               registered_at: float | None = None) -> defer.Deferred[bool]:
+        row = self.rows.get(reg_id)
+        if row is None or not row.same(key_salt, registered_at):
+            return defer.succeed(False)
+        del self.rows[reg_id]
+        return defer.succeed(True)
+
+    def watch(self, on_removed: Callable[[str, bytes], None]) -> None:
+        self.listeners.append(on_removed)
+
+    def close(self) -> defer.Deferred[None]:
+        return defer.succeed(None)
 
 
 @dataclass(frozen=True)
 class RouterRules:
-    """The settings that govern one set of registrations."""
+    """The settings that govern one set of registrations; built from the mount's settings,
+    whose defaults are the mode's SETTINGS."""
 
-    reg_types: frozenset[str] = frozenset((HOSTCLIENT, LOBBY))
-    id_length: int = 8
-    id_req_min_length: int = 8
-    id_req_max_length: int = 64
-    reject_invalid_id_req: bool = False
-    auto_remove: bool = True
-    auto_remove_grace: float = 60.0
-    unused_ttl: float = 86400.0
-    max_registrations: int = 100000
-    max_sockets_per_registration: int = 1024
+    reg_types: frozenset[str]
+    id_length: int
+    id_req_min_length: int
+    id_req_max_length: int
+    reject_invalid_id_req: bool
+    auto_remove: bool
+    auto_remove_grace: float
+    unused_ttl: float
+    max_registrations: int
+    max_sockets_per_registration: int
 
     @classmethod
     def from_settings(cls, s: Mapping[str, Any]) -> RouterRules:
@@ -233,10 +343,11 @@ class Member:
 
 @dataclass(eq=False)
 class Registration:
+    """This node's view of one registration; compared by identity, so a newer registration
+    of the same id is another one."""
+
     record: Record
-    #: open sockets, in joining order (relay order)
-    members: dict[Member, None] = field(default_factory=dict)
-    #: sockets admitted whose handshake has not finished yet
+    #: sockets admitted here whose handshake has not finished yet
     arriving: int = 0
     #: the pending auto-removal or unused-TTL expiry
     expiry: Any = None
@@ -246,8 +357,65 @@ class Registration:
         return self.record.id
 
 
+class Members(Protocol):
+    """Which sockets each registration has. Sockets are local objects: :meth:`local` hands out
+    this node's at once (the relay's fast path); counts span every node and answer later."""
+
+    def add(self, registration: Registration, member: Member) -> defer.Deferred[None]:
+        """Count a socket in; :meth:`local` lists it at once."""
+
+    def discard(self, registration: Registration, member: Member) -> defer.Deferred[None]:
+        """Count a socket out; :meth:`local` no longer lists it, at once."""
+
+    def local(self, registration: Registration) -> Collection[Member]:
+        """This node's sockets of the registration, in joining order."""
+
+    def counts(self, registrations: Sequence[Registration]) -> defer.Deferred[list[int]]:
+        """The open sockets of each registration, on every node."""
+
+    def clear(self, registration: Registration) -> defer.Deferred[list[Member]]:
+        """Forget every socket of a removed registration; fires with this node's, which the
+        rules close (other nodes close their own)."""
+
+    def forward(self, registration: Registration, role: str, payload: bytes,
+                binary: bool) -> None:
+        """Relay a message to the sockets with ``role`` that other nodes hold, in call order."""
+
+
+class LocalMembers:
+    """Every socket is in this process: counts are answered at once, nothing is forwarded."""
+
+    def __init__(self) -> None:
+        self.sockets: dict[Registration, dict[Member, None]] = {}
+
+    def add(self, registration: Registration, member: Member) -> defer.Deferred[None]:
+        self.sockets.setdefault(registration, {})[member] = None
+        return defer.succeed(None)
+
+    def discard(self, registration: Registration, member: Member) -> defer.Deferred[None]:
+        sockets = self.sockets.get(registration)
+        if sockets is not None:
+            sockets.pop(member, None)
+            if not sockets:
+                del self.sockets[registration]
+        return defer.succeed(None)
+
+    def local(self, registration: Registration) -> Collection[Member]:
+        return self.sockets.get(registration, {}).keys()
+
+    def counts(self, registrations: Sequence[Registration]) -> defer.Deferred[list[int]]:
+        return defer.succeed([len(self.sockets.get(r, ())) for r in registrations])
+
+    def clear(self, registration: Registration) -> defer.Deferred[list[Member]]:
+        return defer.succeed(list(self.sockets.pop(registration, {})))
+
+    def forward(self, registration: Registration, role: str, payload: bytes,
+                binary: bool) -> None:
+        pass
+
+
 def valid_id_req(id_req: str, rules: RouterRules) -> bool:
-    """Spec §7.1: a length in UTF-8 bytes within the limits, no control characters."""
+    """A requested id: a length in UTF-8 bytes within the limits, no control characters."""
     size = len(id_req.encode("utf-8", "surrogatepass"))
     return (rules.id_req_min_length <= size <= rules.id_req_max_length
             and not any(ord(c) < 0x20 or ord(c) == 0x7F for c in id_req))
@@ -260,19 +428,28 @@ MAX_ID_ATTEMPTS = 16
 class Router:
     """The registrations of one store, their sockets, and the relay between them."""
 
-    def __init__(self, rules: RouterRules, store: RegistrationStore, clock: Clock,
+    def __init__(self, rules: RouterRules, store: Registrations | None, clock: Clock,
                  keys: KeyHashing | None = None, log_ids: bool = False,
-                 fanout: Callable[[list[Socket], bytes, bool], None] | None = None):
+                 fanout: Callable[[list[Socket], bytes, bool], None] | None = None,
+                 members: Members | None = None):
         self.rules = rules
-        self.store = store
+        self.store: Registrations = LocalRegistrations() if store is None else store
+        self.members: Members = LocalMembers() if members is None else members
         self.clock = clock
         self.keys = keys or KeyHashing()
         self.log_ids = log_ids
         #: sends one message to many sockets (the adapter frames it once for all)
         self.fanout = fanout or send_each
+        #: this node's state of each registration it has seen (sockets, arrivals, timers), by
+        #: id: a cache, never the word on whether a registration exists (the store's)
         self.registrations: dict[str, Registration] = {}
         #: ids chosen by registrations that are still being hashed and written
         self.reserved: set[str] = set()
+        #: lookups waiting for the store, and the registrations (id, key salt) dropped here
+        #: meanwhile, which their answers may still contain
+        self._lookups = 0
+        self._gone: set[tuple[str, bytes]] = set()
+        self.store.watch(self._removed_elsewhere)
 
     # -- start and stop ---------------------------------------------------------------------
 
@@ -284,8 +461,8 @@ class Router:
             registration = Registration(record)
             if (not record.connected and self.rules.unused_ttl
                     and self._unused_deadline(registration) <= now):
-                self._background(self._forget(registration, "unused-ttl"),
-                                 "deleting an expired registration")
+                background(self._forget(registration, "unused-ttl", expiring=True),
+                           "router: deleting an expired registration")
                 continue
             self.registrations[record.id] = registration
             self._arm_expiry(registration)
@@ -299,25 +476,25 @@ class Router:
     @defer.inlineCallbacks
     def register(self, key: str, host_key: str, reg_type: str,
                  id_req: str | None) -> Any:
-        """Spec §4; fires with the id, or fails with :class:`RouterError`."""
+        """Registration; fires with the id, or fails with :class:`RouterError`."""
         rules = self.rules
         if reg_type not in rules.reg_types:
             raise RouterError("MissingRegistrationType")
-        stored_elsewhere: set[str] = set()  # ids the store refused although memory had none
+        stored_elsewhere: set[str] = set()  # ids the store refused although a lookup found none
         hashes = None
         for _ in range(MAX_ID_ATTEMPTS):
             wanted = id_req
             if id_req is not None:
-                existing = self.registrations.get(id_req)
+                existing = yield self._lookup(id_req)
                 if existing is not None and existing.record.reg_type == reg_type:
                     same = yield self.keys.verify([
                         (key, existing.record.key_salt, existing.record.key_hash),
                         (host_key, existing.record.host_key_salt, existing.record.host_key_hash)])
-                    if self.registrations.get(id_req) is not existing:
+                    if not self._current(existing):
                         continue  # removed while we hashed: choose again
                     if same:
                         yield self._renew(existing)
-                        if self.registrations.get(id_req) is not existing:
+                        if not self._current(existing):
                             continue  # removed while its renewal was written: choose again
                         return id_req
                 taken = (existing is not None or id_req in self.reserved
@@ -326,7 +503,7 @@ class Router:
                     if rules.reject_invalid_id_req:
                         raise RouterError("InUseID" if taken else "IncorrectLengthID")
                     wanted = None
-            if len(self.registrations) + len(self.reserved) >= rules.max_registrations:
+            if (yield self._full()):
                 raise RouterError("TooManyRegistrations")
             if hashes is None:  # kept if the id has to be chosen again: salts fit any id
                 try:
@@ -336,9 +513,9 @@ class Router:
                     raise RouterError("UnhashableKey") from None
             if wanted is None:
                 wanted = self._fresh_id()
-            elif wanted in self.registrations or wanted in self.reserved:
-                continue  # taken while we hashed: redo the choice (spec §4 step 5)
-            if len(self.registrations) + len(self.reserved) >= rules.max_registrations:
+            elif wanted in self.reserved or (yield self._lookup(wanted)) is not None:
+                continue  # taken while we hashed: redo the choice
+            if (yield self._full()):
                 raise RouterError("TooManyRegistrations")
             record = Record(wanted, reg_type, *hashes, registered_at=self.clock.seconds())
             self.reserved.add(wanted)
@@ -350,10 +527,12 @@ class Router:
             finally:
                 self.reserved.discard(wanted)
             if not stored:
-                stored_elsewhere.add(wanted)  # a removal that failed to commit left it there
+                # taken on another node meanwhile, or left by a removal that failed to commit
+                stored_elsewhere.add(wanted)
                 continue
-            registration = Registration(record)
-            self.registrations[wanted] = registration
+            registration = self._view(record)
+            if registration is None:
+                continue  # removed again before its answer arrived: choose again
             self._arm_expiry(registration)
             if self.log_ids:
                 log.info("router: registered {id!r} ({reg_type})", id=wanted, reg_type=reg_type)
@@ -362,14 +541,21 @@ class Router:
         raise RouterError("StorageError")
 
     def _fresh_id(self) -> str:
+        # skips ids known here; the store's insert decides (it never overwrites)
         while True:
             candidate = secrets.token_hex((self.rules.id_length + 1) // 2)[:self.rules.id_length]
             if candidate not in self.registrations and candidate not in self.reserved:
                 return candidate
 
     @defer.inlineCallbacks
+    def _full(self) -> Any:
+        """Whether max_registrations is reached, counting those still being written here."""
+        stored = yield self.store.count()
+        return stored + len(self.reserved) >= self.rules.max_registrations
+
+    @defer.inlineCallbacks
     def _renew(self, registration: Registration) -> Any:
-        """Idempotent re-registration (spec §7.2): keep the sockets, cancel a pending
+        """Idempotent re-registration: keep the sockets, cancel a pending
         auto-removal, restart the unused-TTL clock."""
         now = self.clock.seconds()
         # cancelled before the write: a grace ending meanwhile would remove the id we answer with
@@ -379,32 +565,33 @@ class Router:
                                     registered_at=now)
         except Exception:
             log.failure("router: storing a re-registration failed")
-            if self.registrations.get(registration.id) is registration:
+            if self._current(registration):
                 self._arm_expiry(registration)
             raise RouterError("StorageError") from None
-        if self.registrations.get(registration.id) is not registration:
+        if not self._current(registration):
             return  # removed meanwhile: the caller registers the id anew
         registration.record = replace(registration.record, registered_at=now)
         self._disarm(registration)
-        if not registration.members and not registration.arriving:
-            # Without a socket nothing else would ever end this registration: the unused TTL
-            # guards it until one joins, whether or not one joined before.
-            self._arm_unused(registration)
         if self.log_ids:
             log.info("router: re-registered {id!r}", id=registration.id)
+        if (yield self._idle(registration)):
+            # Without a socket nothing else would ever end this registration: the unused TTL
+            # guards it until one joins, whether or not one joined before.
+            self._disarm(registration)
+            self._arm_unused(registration)
 
     # -- /remove ------------------------------------------------------------------------------
 
     @defer.inlineCallbacks
     def remove(self, reg_id: str, key: str, host_key: str) -> Any:
-        """Spec §7.7: delete, close every socket with 1000, then answer."""
-        registration = self.registrations.get(reg_id)
+        """Removal: delete, close every socket with 1000, then answer."""
+        registration = yield self._lookup(reg_id)
         if registration is None:
             raise UnknownRegistration()
         record = registration.record
         same = yield self.keys.verify([(key, record.key_salt, record.key_hash),
                                        (host_key, record.host_key_salt, record.host_key_hash)])
-        if self.registrations.get(reg_id) is not registration:
+        if not self._current(registration):
             raise UnknownRegistration()
         if not same:
             raise RouterError("InvalidKey")
@@ -414,35 +601,96 @@ class Router:
             log.failure("router: deleting a registration from the store failed")
             raise RouterError("StorageError") from None
 
-    def _drop(self, registration: Registration, why: str) -> defer.Deferred[None]:
-        """Remove from memory at once (``/connect`` gets 404, the id is free), close the
-        sockets, and delete this registration (not a newer one with its id) from the store."""
-        if self.registrations.get(registration.id) is registration:
+    @defer.inlineCallbacks
+    def _drop(self, registration: Registration, why: str, expiring: bool = False) -> Any:
+        """Remove from this node's view at once (``/connect`` gets 404, the id is free), close
+        the sockets, and delete this registration (not a newer one with its id) from the store;
+        an expiry deletes it only if it was not renewed since (on any node)."""
+        yield self._detach(registration)
+        yield self._forget(registration, why, expiring)
+
+    @defer.inlineCallbacks
+    def _detach(self, registration: Registration) -> Any:
+        """This node lets go of a registration: its view, its timer, its sockets (Close 1000
+        ``registration removed``, as on ``/remove``)."""
+        if self._current(registration):
             del self.registrations[registration.id]
+        if self._lookups:
+            self._gone.add((registration.id, registration.record.key_salt))
         self._disarm(registration)
-        members, registration.members = list(registration.members), {}
+        members = yield self.members.clear(registration)
         for member in members:
             member.registration = None
             member.socket.close(1000, REMOVED_REASON)
-        return self._forget(registration, why)
 
-    def _forget(self, registration: Registration, why: str) -> defer.Deferred[None]:
+    def _forget(self, registration: Registration, why: str,
+                expiring: bool = False) -> defer.Deferred[bool]:
         if self.log_ids:
             log.info("router: {id!r} removed ({why})", id=registration.id, why=why)
-        return self.store.delete(registration.id, registration.record.key_salt)
+        record = registration.record
+        if expiring:
+            return self.store.delete(record.id, record.key_salt, record.registered_at)
+        return self.store.delete(record.id, record.key_salt)
+
+    def _removed_elsewhere(self, reg_id: str, key_salt: bytes) -> None:
+        """The store reports a registration removed by another node: close its sockets here."""
+        registration = self.registrations.get(reg_id)
+        if registration is None or registration.record.key_salt != key_salt:
+            if self._lookups:
+                self._gone.add((reg_id, key_salt))
+            return  # not seen here, or already dropped (this node's own removal)
+        if self.log_ids:
+            log.info("router: {id!r} removed (on another node)", id=reg_id)
+        background(self._detach(registration), "router: closing a removed registration")
+
+    # -- lookups ------------------------------------------------------------------------------
+
+    def _current(self, registration: Registration) -> bool:
+        """Whether this node still holds the registration (not dropped here or reported
+        removed since it was looked up)."""
+        return self.registrations.get(registration.id) is registration
+
+    @defer.inlineCallbacks
+    def _lookup(self, reg_id: str) -> Any:
+        """This node's view of the registration the store holds under ``reg_id``, or None."""
+        self._lookups += 1
+        try:
+            record = yield self.store.get(reg_id)
+        finally:
+            self._lookups -= 1
+        registration = None if record is None else self._view(record)
+        if not self._lookups:
+            self._gone.clear()  # no answer still on its way can contain them
+        return registration
+
+    def _view(self, record: Record) -> Registration | None:
+        """This node's view of the registration of a record, made on first sight; None if it
+        was dropped here while the record was on its way."""
+        if (record.id, record.key_salt) in self._gone:
+            return None
+        registration = self.registrations.get(record.id)
+        if registration is not None and registration.record.key_salt == record.key_salt:
+            return registration
+        if registration is not None:
+            # the store holds a newer registration of the id: the one seen here is gone and
+            # its removal not reported yet
+            background(self._detach(registration), "router: closing a replaced registration")
+        registration = Registration(record)
+        self.registrations[record.id] = registration
+        return registration
 
     # -- /connect -----------------------------------------------------------------------------
 
     @defer.inlineCallbacks
     def admit(self, reg_id: str, key: str, sock_type: str | None) -> Any:
-        """Spec §5 rows 10-13. Fires with (registration, role) and counts the socket as
+        """The last /connect checks. Fires with (registration, role) and counts the socket as
         arriving until :meth:`join` or :meth:`abandon`."""
-        registration = self.registrations.get(reg_id)
+        registration = yield self._lookup(reg_id)
         if registration is None:
             raise UnknownRegistration()
         record = registration.record
         same = yield self.keys.verify([(key, record.key_salt, record.key_hash)])
-        if self.registrations.get(reg_id) is not registration:
+        if not self._current(registration):
             raise UnknownRegistration()
         if not same:
             raise RouterError("IncorrectKey")
@@ -452,8 +700,10 @@ class Router:
             role = sock_type
         else:
             raise RouterError("InvalidSockType")
-        if (len(registration.members) + registration.arriving
-                >= self.rules.max_sockets_per_registration):
+        (sockets,) = yield self.members.counts([registration])
+        if not self._current(registration):
+            raise UnknownRegistration()
+        if sockets + registration.arriving >= self.rules.max_sockets_per_registration:
             raise RouterError("TooManyConnections")
         registration.arriving += 1
         self._disarm(registration)
@@ -462,15 +712,15 @@ class Router:
     def join(self, registration: Registration, socket: Socket, role: str) -> Member | None:
         """An admitted socket finished its handshake; None if its registration is gone."""
         registration.arriving -= 1
-        if self.registrations.get(registration.id) is not registration:
+        if not self._current(registration):
             return None
         member = Member(socket, role, registration)
-        registration.members[member] = None
+        background(self.members.add(registration, member), "router: counting a socket in")
         self._disarm(registration)
         if not registration.record.connected:
             registration.record = replace(registration.record, connected=True)
-            self._background(self.store.update(registration.id, registration.record.key_salt,
-                                               connected=True), "marking a registration used")
+            background(self.store.update(registration.id, registration.record.key_salt,
+                                         connected=True), "router: marking a registration used")
         return member
 
     def abandon(self, registration: Registration, shutting_down: bool = False) -> None:
@@ -486,31 +736,46 @@ class Router:
         registration, member.registration = member.registration, None
         if registration is None:
             return
-        registration.members.pop(member, None)
+        d = self.members.discard(registration, member)
         if not shutting_down:
-            self._arm_expiry(registration)
+            d.addCallback(lambda _: self._arm_expiry(registration))
+        background(d, "router: counting a socket out")
 
-    # -- relay (spec §6) ----------------------------------------------------------------------
+    # -- relay ----------------------------------------------------------------------
 
     def relay(self, member: Member, payload: bytes, binary: bool) -> None:
         registration = member.registration
         if registration is None:
             return  # removed: frames still arriving are dropped
         wanted = {MEMBER: MEMBER, HOST: CLIENT, CLIENT: HOST}[member.role]
-        recipients = [other.socket for other in registration.members
+        recipients = [other.socket for other in self.members.local(registration)
                       if other is not member and other.role == wanted]
         if recipients:
             self.fanout(recipients, payload, binary)
+        self.members.forward(registration, wanted, payload, binary)
 
-    # -- timers (spec §7.4, §7.5) -------------------------------------------------------------
+    # -- timers -------------------------------------------------------------
 
     def _unused_deadline(self, registration: Registration) -> float:
         return registration.record.registered_at + self.rules.unused_ttl
 
+    @defer.inlineCallbacks
+    def _idle(self, registration: Registration) -> Any:
+        """Whether the registration is still the current one of its id, with no socket on any
+        node and none arriving here."""
+        if registration.arriving or not self._current(registration):
+            return False
+        (sockets,) = yield self.members.counts([registration])
+        return not sockets and not registration.arriving and self._current(registration)
+
     def _arm_expiry(self, registration: Registration) -> None:
         """Arm what ends a registration with no socket: the grace once it has had one, the
         unused TTL before."""
-        if registration.members or registration.arriving:
+        background(self._arm_when_idle(registration), "router: arming an expiry")
+
+    @defer.inlineCallbacks
+    def _arm_when_idle(self, registration: Registration) -> Any:
+        if not (yield self._idle(registration)):
             return
         self._disarm(registration)
         if not registration.record.connected:
@@ -537,22 +802,39 @@ class Router:
 
     def _expire(self, registration: Registration, why: str) -> None:
         registration.expiry = None
-        try:
-            # only this registration: a newer one may have taken the id since
-            if (self.registrations.get(registration.id) is registration
-                    and not registration.members and not registration.arriving):
-                self._background(self._drop(registration, why), "deleting an expired registration")
-        except Exception:
-            log.failure("router: expiring a registration failed")
+        background(self._expire_when_idle(registration, why), "router: expiring a registration")
 
-    @staticmethod
-    def _background(d: defer.Deferred[Any], what: str) -> None:
-        d.addErrback(lambda f: log.failure("router: {what} failed", f, what=what))
+    @defer.inlineCallbacks
+    def _expire_when_idle(self, registration: Registration, why: str) -> Any:
+        record = yield self.store.get(registration.id)
+        seen = registration.record
+        if (record is not None and record.key_salt == seen.key_salt
+                and (record.registered_at != seen.registered_at
+                     or (record.connected and not seen.connected))
+                and self._current(registration)):
+            # renewed or first used on another node since this timer was armed: arm the timer
+            # that applies now (``connected`` only ever becomes true, so this settles)
+            registration.record = replace(record, connected=record.connected or seen.connected)
+            self._arm_expiry(registration)
+            return
+        # only this registration, and only if not renewed since: a newer one may have taken
+        # the id, another node may have renewed it after the lookup
+        if (yield self._idle(registration)):
+            yield self._drop(registration, why, expiring=True)
 
-    # -- /stats (spec §8) ---------------------------------------------------------------------
+    # -- /stats ---------------------------------------------------------------------
 
-    def stats(self) -> list[dict[str, Any]]:
-        return [{"connections": len(r.members), "destroy": False, "id": r.id,
+    @defer.inlineCallbacks
+    def stats(self) -> Any:
+        """Fires with every registration by id, with its open sockets on every node."""
+        records = yield self.store.records()
+        registrations = []
+        for record in sorted(records, key=lambda r: r.id.encode("utf-8", "surrogatepass")):
+            seen = self.registrations.get(record.id)
+            # one never seen here has no socket here: a view made only to be counted
+            registrations.append(seen if seen is not None and seen.record.key_salt
+                                 == record.key_salt else Registration(record))
+        counts = yield self.members.counts(registrations)
+        return [{"connections": n, "destroy": False, "id": r.id,
                  "reg_type": REG_TYPE_NAMES.get(r.record.reg_type, r.record.reg_type)}
-                for _, r in sorted(self.registrations.items(),
-                                   key=lambda item: item[0].encode("utf-8", "surrogatepass"))]
+                for r, n in zip(registrations, counts)]

@@ -1,4 +1,5 @@
-"""Durable registrations of the router mode (spec: shared specs/router.md §7.6).
+"""Durable registrations of the router mode (docs/protocols/router.md): the SQLite
+implementation of :class:`questsig.router.core.Registrations`.
 
 One SQLite file per registration set. Every SQLite call runs on one dedicated thread, so the
 reactor never waits on the disk and writes are applied in the order they were asked for (a
@@ -8,16 +9,22 @@ touch a newer one that reuses the id.
 
 Rows are written with a plain ``INSERT``: a second registration of an id that is already
 stored fails instead of overwriting the first, and the caller picks another id.
+
+This process is the only writer of its file, so lookups are answered from a copy of the rows in
+memory, at once: it takes a change when it is asked for (an insert once it is committed, since
+only then is the id known to be free), so a lookup never sees a registration this process has
+asked to delete; a failed update is undone in the copy.
 """
 from __future__ import annotations
 
 import sqlite3
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable, TypeVar
 
 from twisted.internet import defer
 
+from questsig.router.core import LocalRegistrations, Record
 from questsig.sqlite import SchemaMismatch, migrate
 from questsig.workers import Workers
 
@@ -44,51 +51,6 @@ CREATE TABLE registrations (
 
 class StoreError(Exception):
     """The store cannot be opened or read; the message says which file and why."""
-
-
-@dataclass(frozen=True)
-class Record:
-    """What is kept of a registration across restarts (never its sockets or its keys)."""
-
-    id: str
-    reg_type: str
-    key_salt: bytes
-    key_hash: bytes
-    host_key_salt: bytes
-    host_key_hash: bytes
-    registered_at: float
-    connected: bool = False
-
-
-class MemoryRegistrations:
-    """Registrations forgotten on restart, as upstream keeps them; answers at once."""
-
-    def __init__(self) -> None:
-        self.rows: dict[str, Record] = {}
-
-    def load(self) -> list[Record]:
-        return list(self.rows.values())
-
-    def insert(self, record: Record) -> defer.Deferred[bool]:
-        if record.id in self.rows:
-            return defer.succeed(False)
-        self.rows[record.id] = record
-        return defer.succeed(True)
-
-    def update(self, reg_id: str, key_salt: bytes, **changes: Any) -> defer.Deferred[None]:
-        row = self.rows.get(reg_id)
-        if row is not None and row.key_salt == key_salt:
-            self.rows[reg_id] = replace(row, **changes)
-        return defer.succeed(None)
-
-    def delete(self, reg_id: str, key_salt: bytes) -> defer.Deferred[None]:
-        row = self.rows.get(reg_id)
-        if row is not None and row.key_salt == key_salt:
-            del self.rows[reg_id]
-        return defer.succeed(None)
-
-    def close(self) -> defer.Deferred[None]:
-        return defer.succeed(None)
 
 
 class SqliteFile:
@@ -153,11 +115,13 @@ class SqliteFile:
             db.execute(f"UPDATE registrations SET {assignments} WHERE id = ? AND key_salt = ?",
                        (*values, reg_id, key_salt))
 
-    def delete(self, reg_id: str, key_salt: bytes) -> None:
+    def delete(self, reg_id: str, key_salt: bytes, registered_at: float | None = None) -> None:
+        condition = "" if registered_at is None else " AND registered_at = ?"
+        extra = () if registered_at is None else (float(registered_at),)
         with self._db() as db:
             db.execute("BEGIN IMMEDIATE")
-            db.execute("DELETE FROM registrations WHERE id = ? AND key_salt = ?",
-                       (reg_id, key_salt))
+            db.execute("DELETE FROM registrations WHERE id = ? AND key_salt = ?" + condition,
+                       (reg_id, key_salt, *extra))
 
     def close(self) -> None:
         if self.db is not None:
@@ -165,11 +129,14 @@ class SqliteFile:
             self.db = None
 
 
-class SqliteRegistrations:
-    """A :class:`SqliteFile` driven from the reactor: each call queues the operation on the
-    store's single thread and returns a Deferred that fires on the reactor thread."""
+class SqliteRegistrations(LocalRegistrations):
+    """A :class:`SqliteFile` driven from the reactor: each change queues the operation on the
+    store's single thread and returns a Deferred that fires on the reactor thread; lookups are
+    answered from :attr:`rows`, the rows as this process has asked them to be (see the
+    module's docstring), as :class:`LocalRegistrations` answers them."""
 
     def __init__(self, path: Path, reactor: Any):
+        super().__init__()
         self.file = SqliteFile(path)
         self.reactor = reactor
         self._thread = Workers(reactor, "router-store", 1)
@@ -181,6 +148,7 @@ class SqliteRegistrations:
         read raises :class:`StoreError`.
         """
         records = self.file.open()
+        self.rows = {record.id: record for record in records}
         self._thread.start()
         return records
 
@@ -188,13 +156,32 @@ class SqliteRegistrations:
         return self._thread.run(fn, *args, **kwargs)
 
     def insert(self, record: Record) -> defer.Deferred[bool]:
-        return self._call(self.file.insert, record)
+        def committed(stored: bool) -> bool:
+            if stored:
+                self.rows[record.id] = record
+            return stored
+        return self._call(self.file.insert, record).addCallback(committed)
 
     def update(self, reg_id: str, key_salt: bytes, **changes: Any) -> defer.Deferred[None]:
+        before = self.rows.get(reg_id)
+        if before is not None and before.key_salt == key_salt:
+            after = self.rows[reg_id] = replace(before, **changes)
+
+            def undo(failure: Any) -> Any:
+                if self.rows.get(reg_id) is after:
+                    self.rows[reg_id] = before
+                return failure
+            return self._call(self.file.update, reg_id, key_salt, **changes).addErrback(undo)
         return self._call(self.file.update, reg_id, key_salt, **changes)
 
-    def delete(self, reg_id: str, key_salt: bytes) -> defer.Deferred[None]:
-        return self._call(self.file.delete, reg_id, key_salt)
+    def delete(self, reg_id: str, key_salt: bytes,
+               registered_at: float | None = None) -> defer.Deferred[bool]:
+        row = self.rows.get(reg_id)
+        if row is None or not row.same(key_salt, registered_at):
+            return defer.succeed(False)
+        del self.rows[reg_id]
+        d = self._call(self.file.delete, reg_id, key_salt, registered_at)
+        return d.addCallback(lambda _: True)
 
     def close(self) -> defer.Deferred[None]:
         """Finish every queued write, then close the file."""

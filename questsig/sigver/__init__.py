@@ -1,7 +1,8 @@
 """Mode ``sigver``: the Netflux signaling server's protobuf groups.
 
 The face of the mode: its name, default prefix, settings and service. The rules and the wire
-protocol are in :mod:`questsig.sigver.core`, the Autobahn glue in :mod:`questsig.sigver.adapter`.
+protocol are in :mod:`questsig.sigver.core`, the protobuf codec in :mod:`questsig.sigver.codec`,
+the Autobahn glue in :mod:`questsig.sigver.adapter`.
 """
 from __future__ import annotations
 

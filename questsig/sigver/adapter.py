@@ -80,5 +80,5 @@ class SigverService(ModeService):
             utf8_validate=False,
             signaling=self.signaling, clock=self.context.reactor,
             first_frame_delay=s["first-frame-delay"],
-            heartbeat=Heartbeat(s["heartbeat-interval"], s["heartbeat-misses"]))
+            heartbeat=Heartbeat.from_settings(s))
         return WebSocketResource(factory, mount)

@@ -4,39 +4,32 @@ from __future__ import annotations
 import base64
 import json
 import random
+from typing import Any, Callable, Collection
 
 import pytest
 from twisted.internet.task import Clock
 
+from fakes import FakePeer, LaterStore
 from fledger.nodes import (A_B64, A_HEX, A_INFO, B_HEX, C_HEX, CHALLENGE, MODULES_010, S64, S_HEX,
                            Key, announce, challenge_of, listed, node_info, peer_setup)
 from questsig import config
-from questsig.settings import ConfigError
-from questsig.fledger.core import (NEW_MODULES, OLD_MODULES, Fledger, Node, format_modules,
-                                    from_base64, parse_modules, parse_node_info, system_realm)
+from questsig.fledger import SETTINGS, system_realm
+from questsig.settings import ConfigError, defaults
+from questsig.fledger.core import (NEW_MODULES, OLD_MODULES, Fledger, LocalNodeList, Node,
+                                    NodeList, format_modules, from_base64, parse_modules,
+                                    parse_node_info)
 
 
-class FakePeer:
-    def __init__(self) -> None:
-        self.sent: list[bytes] = []
-        self.aborted = False
-
-    def send(self, payload: bytes, binary: bool = False) -> None:
-        self.sent.append(payload)
-
-    def abort(self) -> None:
-        self.aborted = True
-
-    def take(self) -> list[bytes]:
-        sent, self.sent = self.sent, []
-        return sent
+def new_core(node_list: NodeList | None = None, fanout: Any = None, **changes: Any) -> Fledger:
+    """A core with the mode's default settings; ``changes`` name settings with ``_`` for ``-``."""
+    settings = defaults(SETTINGS)
+    settings.update({name.replace("_", "-"): value for name, value in changes.items()})
+    return Fledger(settings, node_list, fanout=fanout)
 
 
 def feed(core: Fledger, node: Node, text: str, now: float = 0.0) -> None:
     """One frame, with any signature check run at once, as the adapter does on a thread."""
-    job = core.receive(node, text, now)
-    if job is not None:
-        core.verified(job, job.check())
+    assert core.handle(node, text, now) is None, "the default node list answers at once"
 
 
 def connect(core: Fledger, dialect: str = "auto", challenge: bytes = CHALLENGE,
@@ -64,7 +57,7 @@ def request_list(core: Fledger, peer: FakePeer, node: Node, now: float = 0.0) ->
 
 def test_challenge_frame_fresh_per_connection() -> None:
     """The first frame is {"Challenge":[3,h]}, 32 random bytes in lowercase hex, new each time."""
-    core = Fledger()
+    core = new_core()
     peers = [FakePeer() for _ in range(3)]
     for peer in peers:
         core.connect(peer, "auto", 0.0)
@@ -87,7 +80,7 @@ def test_vector_keys() -> None:
 @pytest.mark.parametrize("family", ["0.7", "0.8", "0.9.0", "0.10"])
 def test_vector_announce_registers(family: str) -> None:
     """The vector's Announce (S or S64) registers A; the list holds A's canonical NodeInfo."""
-    core = Fledger()
+    core = new_core()
     peer, node = connect(core)
     sig = S64 if family in ("0.7", "0.8") else S_HEX
     feed(core, node, announce(family, Key("node-A"), CHALLENGE, signature=sig))
@@ -102,7 +95,7 @@ def test_vector_announce_registers(family: str) -> None:
 
 def test_bad_signature_keeps_challenge() -> None:
     """A wrong signature is ignored silently; a correct Announce afterwards succeeds."""
-    core = Fledger()
+    core = new_core()
     a = Key("node-A")
     peer, node = connect(core)
     feed(core, node, announce("0.10", a, CHALLENGE, signature=Key().sign(CHALLENGE)))
@@ -114,7 +107,7 @@ def test_bad_signature_keeps_challenge() -> None:
 
 def test_signature_verified_against_stored_challenge() -> None:
     """The challenge field is not compared: the stored challenge is what must be signed."""
-    core = Fledger()
+    core = new_core()
     a = Key()
     _, node = connect(core, challenge=b"\x01" * 32)
     feed(core, node, announce("0.10", a, CHALLENGE))  # signs another challenge
@@ -127,7 +120,7 @@ def test_signature_verified_against_stored_challenge() -> None:
 
 def test_second_announce_ignored() -> None:
     """An announced connection has no challenge left: another Announce changes nothing."""
-    core = Fledger()
+    core = new_core()
     a = Key()
     peer, node = join(core, "0.10", a)
     feed(core, node, announce("0.10", a, CHALLENGE, info=node_info("0.10", a, name="other")))
@@ -137,7 +130,7 @@ def test_second_announce_ignored() -> None:
 
 def test_takeover_0_10_and_old() -> None:
     """0.10: the old holder of an ID gets the Error frame and loses the ID; 0.7: nothing."""
-    core = Fledger()
+    core = new_core()
     a = Key()
     old_peer, old = join(core, "0.10", a)
     new_peer, new = join(core, "0.10", a)
@@ -148,12 +141,13 @@ def test_takeover_0_10_and_old() -> None:
     assert old7_peer.sent == [] and old7.node_id is None
     core.disconnect(old)
     core.disconnect(old7)
-    assert len(core.registries["0.10"].nodes) == 1 and len(core.registries["0.7"].nodes) == 1
+    registries = core.node_list.registries
+    assert len(registries["0.10"].nodes) == 1 and len(registries["0.7"].nodes) == 1
 
 
 def test_takeover_moves_to_end_and_disconnect_removes() -> None:
     """A takeover counts as a new registration (list order); a disconnect removes silently."""
-    core = Fledger()
+    core = new_core()
     a, b = Key(), Key()
     join(core, "0.9.0", a)
     peer_b, node_b = join(core, "0.9.0", b)
@@ -166,7 +160,7 @@ def test_takeover_moves_to_end_and_disconnect_removes() -> None:
 
 def test_system_config_and_push() -> None:
     """0.10: SystemConfig to the announcer, the full list pushed to every other announced node."""
-    core = Fledger(system_realm=system_realm("abab"))
+    core = new_core(system_realm=system_realm("abab"))
     b = Key()
     peer_b, _ = join(core, "0.10", b)
     lurker, _ = connect(core)
@@ -181,7 +175,7 @@ def test_announce_push_is_one_fanout_of_one_frame() -> None:
     """0.10: the announce push hands one list frame and every other node to the fan-out at
     once, so the adapter can frame it once for all receivers."""
     calls: list[tuple[list[object], bytes]] = []
-    core = Fledger(fanout=lambda peers, frame: calls.append((list(peers), frame)))
+    core = new_core(fanout=lambda peers, frame: calls.append((list(peers), frame)))
     peer_b, _ = join(core, "0.10", Key())
     peer_c, _ = join(core, "0.10", Key())
     calls.clear()
@@ -194,7 +188,7 @@ def test_announce_push_is_one_fanout_of_one_frame() -> None:
 
 def test_broadcast_off() -> None:
     """announce-broadcast = false: nobody gets a list they did not ask for."""
-    core = Fledger(announce_broadcast=False)
+    core = new_core(announce_broadcast=False)
     peer_b, _ = join(core, "0.10", Key())
     join(core, "0.10", Key())
     assert peer_b.sent == []
@@ -203,7 +197,7 @@ def test_broadcast_off() -> None:
 def test_old_families_no_system_config_no_push() -> None:
     """0.7, 0.8 and 0.9.0 get neither SystemConfig nor pushes."""
     for family in ("0.7", "0.8", "0.9.0"):
-        core = Fledger()
+        core = new_core()
         peer_b, _ = join(core, family, Key())
         peer_a, node_a = connect(core)
         feed(core, node_a, announce(family, Key(), CHALLENGE))
@@ -213,9 +207,9 @@ def test_old_families_no_system_config_no_push() -> None:
 @pytest.mark.parametrize("family", ["0.7", "0.8", "0.9.0", "0.10"])
 def test_detection(family: str) -> None:
     """Auto mode puts each family's Announce in its own registry."""
-    core = Fledger()
+    core = new_core()
     join(core, family, Key())
-    assert {f: len(r.nodes) for f, r in core.registries.items() if r.nodes} == {family: 1}
+    assert {f: len(r.nodes) for f, r in core.node_list.registries.items() if r.nodes} == {family: 1}
 
 
 @pytest.mark.parametrize("dialect,detected_by,family", [
@@ -224,7 +218,7 @@ def test_detection(family: str) -> None:
 ])
 def test_family_fixed(dialect: str, detected_by: str | None, family: str) -> None:
     """Once the family is known (detected or configured), other families' shapes are ignored."""
-    core = Fledger()
+    core = new_core()
     a = Key()
     _, node = connect(core, dialect=dialect)
     if detected_by:
@@ -240,7 +234,7 @@ def test_family_fixed(dialect: str, detected_by: str | None, family: str) -> Non
 
 def test_list_before_detection_is_0_10() -> None:
     """An unannounced auto connection gets the 0.10 list; a fixed dialect gets its own."""
-    core = Fledger()
+    core = new_core()
     join(core, "0.10", Key())
     join(core, "0.7", Key())
     peer, node = connect(core)
@@ -251,7 +245,7 @@ def test_list_before_detection_is_0_10() -> None:
 
 def test_list_unit_variant_forms() -> None:
     """"ListIDsRequest" and {"ListIDsRequest":null} are answered; other contents are not."""
-    core = Fledger()
+    core = new_core()
     peer, node = connect(core)
     for frame in ('"ListIDsRequest"', '{"ListIDsRequest":null}', '{"ListIDsRequest":1}',
                   '["ListIDsRequest"]'):
@@ -261,7 +255,7 @@ def test_list_unit_variant_forms() -> None:
 
 def test_max_list_len_stable_subset() -> None:
     """max-list-len 2 with 5 nodes: 2 entries, the same on repeat; the push stays full."""
-    core = Fledger(max_list_len=2)
+    core = new_core(max_list_len=2)
     peers = [join(core, "0.10", Key()) for _ in range(4)]
     peer, node = join(core, "0.10", Key())
     first = request_list(core, peer, node)
@@ -271,7 +265,7 @@ def test_max_list_len_stable_subset() -> None:
 
 def test_peer_setup_routing() -> None:
     """PeerSetup goes from id_init to id_follow and back, canonically; others are dropped."""
-    core = Fledger()
+    core = new_core()
     a, b, c = Key(), Key(), Key()
     peer_a, node_a = join(core, "0.10", a)
     peer_b, node_b = join(core, "0.10", b)
@@ -295,7 +289,7 @@ def test_peer_setup_routing() -> None:
 
 def test_peer_setup_stays_in_family() -> None:
     """The same key in another family is a different registration: no cross-family routing."""
-    core = Fledger()
+    core = new_core()
     a, b = Key(), Key()
     _, node_a = join(core, "0.9.0", a)
     peer_b, _ = join(core, "0.10", b)
@@ -375,17 +369,17 @@ def test_node_info_forms() -> None:
 ])
 def test_invalid_announce_never_listed(make) -> None:
     """Bad modules, short keys, V1, 63-byte signatures and bad fields: ignored, nothing listed."""
-    core = Fledger()
+    core = new_core()
     a = Key()
     peer, node = connect(core)
     feed(core, node, make(a))
     assert node.node_id is None and peer.sent == []
-    assert all(not r.nodes for r in core.registries.values())
+    assert all(not r.nodes for r in core.node_list.registries.values())
 
 
 def test_non_ascii_name_raw_utf8() -> None:
     """Names are re-emitted as raw UTF-8 with controls escaped as serde_json does."""
-    core = Fledger()
+    core = new_core()
     peer, node = join(core, "0.9.0", Key(), name="Jörg 🚀\n\x01\"")
     feed(core, node, '"ListIDsRequest"')
     assert '"name":"Jörg 🚀\\n\\u0001\\""'.encode() in peer.sent[0]
@@ -393,7 +387,7 @@ def test_non_ascii_name_raw_utf8() -> None:
 
 def test_extra_fields_dropped_from_lists() -> None:
     """Unknown NodeInfo fields are not stored; the list is the canonical form."""
-    core = Fledger()
+    core = new_core()
     a = Key()
     peer, node = join(core, "0.10", a, modules="STAT|RAND", id="x", extra=[1])
     assert request_list(core, peer, node) == [{"NodeInfoV3": {
@@ -402,18 +396,18 @@ def test_extra_fields_dropped_from_lists() -> None:
 
 def test_ignored_frames() -> None:
     """NodeStats, ClearNodes, garbage and multi-key objects change nothing and get no reply."""
-    core = Fledger()
+    core = new_core()
     peer, node = join(core, "0.10", Key())
     for frame in ('{"NodeStats":[{"id":"%s","version":"0.10","ping_ms":3,"ping_rx":1}]}' % A_HEX,
                   '"ClearNodes"', "{", "[]", "null", '{"A":1,"B":2}', "NaN", '"Unknown"'):
         feed(core, node, frame)
-    assert peer.sent == [] and len(core.registries["0.10"].nodes) == 1
+    assert peer.sent == [] and len(core.node_list.registries["0.10"].nodes) == 1
 
 
 def test_expiry_with_clock() -> None:
     """No text frame for node-ttl expires a connection (drop aborts it); text keeps it alive."""
     clock = Clock()
-    core = Fledger(node_ttl=180)
+    core = new_core(node_ttl=180)
     peer_a, node_a = join(core, "0.10", Key(), now=clock.seconds())
     peer_b, node_b = join(core, "0.10", Key(), now=clock.seconds())
     peer_a.take()
@@ -432,7 +426,7 @@ def test_expiry_with_clock() -> None:
 
 def test_expiry_keep_makes_zombie() -> None:
     """expire-action keep: the socket stays, gets lists, cannot announce or send PeerSetup."""
-    core = Fledger(node_ttl=10, expire_action="keep")
+    core = new_core(node_ttl=10, expire_action="keep")
     a, b = Key(), Key()
     peer_a, node_a = join(core, "0.10", a)
     peer_b, node_b = join(core, "0.10", b, now=5)
@@ -448,19 +442,19 @@ def test_expiry_keep_makes_zombie() -> None:
 
 def test_verification_after_disconnect_is_dropped() -> None:
     """A signature check that finishes after the connection closed registers nothing."""
-    core = Fledger()
+    core = new_core()
     a = Key()
     _, node = connect(core)
     job = core.receive(node, announce("0.10", a, CHALLENGE), 0)
     assert job is not None
     core.disconnect(node)
     core.verified(job, job.check())
-    assert not core.registries["0.10"].nodes
+    assert not core.node_list.registries["0.10"].nodes
 
 
 def test_small_order_key_fails() -> None:
     """A small-order public key never verifies, whatever the signature."""
-    core = Fledger()
+    core = new_core()
     _, node = connect(core)
     identity = "01" + "00" * 31
     info = {"NodeInfoV3": {"name": "n", "client": "c", "pubkey": identity, "modules": ""}}
@@ -506,7 +500,7 @@ def test_mutated_frames_never_crash() -> None:
                                 {"a": 1}, a.hex, a.hex.upper(), a.hex[:63], a.b64, "\u00e9",
                                 {"NodeInfoV3": None}, {"NodeInfoV2": {}}, {"Init": None},
                                 {"Offer": None}, "STAT||", "0x", "0xffffffffff"]
-    core = Fledger()
+    core = new_core()
     peers = []
     for _ in range(3000):
         peer, node = connect(core)  # a fresh connection: no family fixed yet
@@ -525,7 +519,7 @@ def test_mutated_frames_never_crash() -> None:
         else:
             target[key] = rng.choice(odd_values)
         feed(core, node, json.dumps(frame))
-    assert all(not r.nodes for r in core.registries.values())
+    assert all(not r.nodes for r in core.node_list.registries.values())
     assert not any(p.sent for p in peers)
 
 
@@ -541,3 +535,77 @@ def test_dialect_refused() -> None:
     """An unknown dialect is a start-up error."""
     with pytest.raises(ConfigError, match="dialect"):
         config.load(endpoints=["tcp:0"], mounts=["/=fledger"], sets=["fledger.dialect=0.9"])
+
+
+def later_node_list(failing: Collection[str] = ()) -> LaterStore:
+    """A node list that answers later, as one shared over the network would: each call takes
+    effect, in the order made, only when the test releases it; those in ``failing`` fail."""
+    return LaterStore(LocalNodeList(), ("announce", "withdraw", "renew", "entries", "forward"),
+                      decide_at_release=True, failing=failing)
+
+
+def back_to_back(node_list: NodeList | None,
+                 settle: Callable[[], None]) -> tuple[list[bytes], list[bytes], list[Any], int]:
+    """B announced; B asks for the list while A sends its Announce, a request, two PeerSetups
+    and another request back to back; then B answers A. What A and B got, the waits the core
+    returned, and how many frames were sent before the node list answered."""
+    core = new_core(node_list)
+    a, b = Key("node-A"), Key("node-B")
+    peer_b, node_b = connect(core)
+    core.handle(node_b, announce("0.10", b, CHALLENGE), 0.0)
+    settle()
+    peer_b.take()
+    peer_a, node_a = connect(core)
+    waits = [core.handle(node_b, '"ListIDsRequest"', 1.0)]
+    for frame in (announce("0.10", a, CHALLENGE), '"ListIDsRequest"', peer_setup(a.hex, b.hex),
+                  peer_setup(a.hex, b.hex, {"Offer": "o"}), '"ListIDsRequest"'):
+        waits.append(core.handle(node_a, frame, 1.0))
+    before = len(peer_a.sent) + len(peer_b.sent)
+    settle()
+    core.handle(node_b, peer_setup(a.hex, b.hex, {"Answer": "x"}), 2.0)
+    settle()
+    return peer_a.sent, peer_b.sent, waits, before
+
+
+def test_later_node_list_keeps_answers_and_order() -> None:
+    """A node list answering later gets the in-process answers, each sender's in its order."""
+    node_list = later_node_list()
+    sent_a, sent_b, waits, before = back_to_back(node_list, node_list.later.release)
+    assert before == 0 and all(w is not None and w.called for w in waits)
+    assert waits[2] is waits[1]  # A's frames wait behind its Announce
+    info_a, info_b = A_INFO["0.10"], A_INFO["0.10"].replace(A_HEX, B_HEX)
+    both = b'{"ListIDsReply":[%s,%s]}' % (info_b.encode(), info_a.encode())
+    assert sent_a == [b'{"SystemConfig":{"system_realm":null}}', both, both,
+                      b'{"PeerSetup":{"id_init":"%s","id_follow":"%s","message":{"Answer":"x"}}}'
+                      % (A_HEX.encode(), B_HEX.encode())]
+    assert sent_b == [b'{"ListIDsReply":[%s]}' % info_b.encode(), both,
+                      b'{"PeerSetup":{"id_init":"%s","id_follow":"%s","message":"Init"}}'
+                      % (A_HEX.encode(), B_HEX.encode()),
+                      b'{"PeerSetup":{"id_init":"%s","id_follow":"%s","message":{"Offer":"o"}}}'
+                      % (A_HEX.encode(), B_HEX.encode())]
+    in_process = back_to_back(None, lambda: None)
+    assert in_process[:2] == (sent_a, sent_b) and in_process[2] == [None] * 6
+
+
+def test_later_node_list_failure_fails_the_wait() -> None:
+    """A node list failing while a frame waits fails that connection's wait; nothing follows."""
+    node_list = later_node_list(failing=("entries",))
+    core = new_core(node_list)
+    peer, node = connect(core)
+    wait = core.handle(node, '"ListIDsRequest"', 0.0)
+    assert core.handle(node, '"ListIDsRequest"', 0.0) is wait
+    failures: list[Any] = []
+    wait.addErrback(failures.append)
+    node_list.later.release()
+    assert len(failures) == 1 and failures[0].check(RuntimeError) and peer.sent == []
+
+
+def test_expiry_sweep_renews_entries() -> None:
+    """The node list holds each node's expiry; the sweep renews it after activity."""
+    core = new_core()
+    a = Key()
+    peer, node = join(core, "0.10", a, now=5.0)
+    entry = core.node_list.registries["0.10"].nodes[a.raw]
+    assert entry.expires == 185.0
+    feed(core, node, '"ListIDsRequest"', 100.0)
+    assert core.expire(120.0) == 0 and entry.expires == 280.0

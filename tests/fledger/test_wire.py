@@ -556,7 +556,7 @@ def test_bad_system_realm_fails_startup(spawn_twistd) -> None:
         assert "system-realm" in proc.output
 
 
-def test_twistd_serves_fledger(spawn_twistd) -> None:
+async def test_twistd_serves_fledger(spawn_twistd) -> None:
     """The installed plugin serves the mode: a node connecting to twistd gets its Challenge."""
     proc = spawn_twistd("--endpoint", "tcp:0:interface=127.0.0.1", "--mount", "/=fledger",
                         "--set", "fledger.system-realm=abab")
@@ -566,6 +566,6 @@ def test_twistd_serves_fledger(spawn_twistd) -> None:
         async with websockets.connect(f"ws://127.0.0.1:{port}/") as ws:
             return await recv(ws)
 
-    assert challenge_of(asyncio.run(first_frame()))
+    assert challenge_of(await first_frame())
     assert proc.stop() in (0, -15)  # twistd re-raises the SIGTERM it stopped on
     assert "questsig stopped" in proc.output

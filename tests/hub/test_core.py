@@ -2,27 +2,26 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
+from typing import Any
 
 import pytest
+from twisted.internet import defer
 
+from fakes import FakePeer, LaterStore
 from questsig import strict_json
-from questsig.hub.core import (INVALID_PROTOCOL, Hub, HubListener, name_from_target,
-                                wants_json_errors)
+from questsig.hub import SETTINGS
+from questsig.hub.core import (INVALID_PROTOCOL, Client, Hub, HubListener, LocalNameTable,
+                                name_from_target, wants_json_errors)
+from questsig.settings import defaults
 
-MASTER = HubListener()
-OLD = HubListener(dialect="2.0.2", target_field="to")
+DEFAULTS = defaults(SETTINGS)
+MASTER = HubListener.from_settings(DEFAULTS)
+OLD = replace(MASTER, dialect="2.0.2", target_field="to")
 
 
-class FakePeer:
-    def __init__(self) -> None:
-        self.sent: list[bytes] = []
-        self.closed: tuple[int, str] | None = None
-
-    def send(self, payload: bytes, binary: bool = False) -> None:
-        self.sent.append(payload)
-
-    def close(self, code: int, reason: str = "") -> None:
-        self.closed = (code, reason)
+def new_hub(**kwargs: Any) -> Hub:
+    return Hub(DEFAULTS["max-connections"], **kwargs)
 
 
 def connect(hub: Hub, target: bytes, listener: HubListener = MASTER) -> tuple[FakePeer, object]:
@@ -85,7 +84,7 @@ def test_errors_json_flag_from_query() -> None:
 
 def test_one_to_one_forwards_original_bytes() -> None:
     """A one-to-one reaches only its target, byte-identical; the sender gets nothing."""
-    hub = Hub()
+    hub = new_hub()
     alice, _ = connect(hub, b"/?user=alice")
     bob, b = connect(hub, b"/?user=bob")
     carol, _ = connect(hub, b"/?user=carol")
@@ -96,7 +95,7 @@ def test_one_to_one_forwards_original_bytes() -> None:
 
 def test_duplicate_name_and_release() -> None:
     """A duplicate is told the name is taken, stays anonymous, and never frees the owner's name."""
-    hub = Hub()
+    hub = new_hub()
     owner, o = connect(hub, b"/?user=alice")
     dup, d = connect(hub, b"/?user=alice")
     assert dup.sent == [b"The username is taken"] and owner.sent == []
@@ -110,7 +109,7 @@ def test_duplicate_name_and_release() -> None:
 
 def test_error_texts_by_dialect() -> None:
     """Missing and unknown targets get each dialect's exact text; not-found shows the decoded name."""
-    hub = Hub()
+    hub = new_hub()
     m, mc = connect(hub, b"/?user=m")
     o, oc = connect(hub, b"/?user=o", OLD)
     hub.receive(mc, b'{"protocol":"one-to-one"}')
@@ -123,7 +122,7 @@ def test_error_texts_by_dialect() -> None:
 
 def test_target_field_both_prefers_endpoint() -> None:
     """With target-field both, a string endpoint wins over to; a non-string endpoint is absent."""
-    hub = Hub()
+    hub = new_hub()
     a, _ = connect(hub, b"/?user=a")
     b, _ = connect(hub, b"/?user=b")
     s, sc = connect(hub, b"/")
@@ -134,7 +133,7 @@ def test_target_field_both_prefers_endpoint() -> None:
 
 def test_invalid_protocols() -> None:
     """Non-objects, missing or unknown protocols get the dialect's invalid-protocol text."""
-    hub = Hub()
+    hub = new_hub()
     p, c = connect(hub, b"/?user=p")
     for bad in (b"hello", b"[]", b'"x"', b"{}", b'{"protocol":"one-to-many"}',
                 b'{"protocol":"One-To-One"}', b'{"protocol":1}', b""):
@@ -144,7 +143,7 @@ def test_invalid_protocols() -> None:
 
 def test_invalid_utf8_closes_1007() -> None:
     """Invalid UTF-8 closes the connection with 1007 and routes nothing."""
-    hub = Hub()
+    hub = new_hub()
     p, c = connect(hub, b"/?user=p")
     hub.receive(c, b'{"protocol":"one-to-self","x":"\xff"}')
     assert p.closed is not None and p.closed[0] == 1007 and p.sent == []
@@ -152,17 +151,17 @@ def test_invalid_utf8_closes_1007() -> None:
 
 def test_broadcast_reaches_everyone() -> None:
     """one-to-all reaches the sender, named, anonymous and duplicate connections."""
-    hub = Hub()
+    hub = new_hub()
     peers = [connect(hub, t) for t in (b"/?user=a", b"/", b"/?user=a", b"/?user=b")]
-    peers[3][0].sent.clear()
-    peers[2][0].sent.clear()
+    peers[3][0].take()
+    peers[2][0].take()
     hub.receive(peers[3][1], b'{"protocol":"one-to-all"}')
     assert all(p.sent == [b'{"protocol":"one-to-all"}'] for p, _ in peers)
 
 
 def test_json_errors_shape() -> None:
     """Opted-in clients get the §9 objects with the exact dialect message."""
-    hub = Hub()
+    hub = new_hub()
     p, c = connect(hub, b"/?user=p&errors=json")
     hub.receive(c, b'{"protocol":"one-to-one","endpoint":"bob"}')
     hub.receive(c, b'{"protocol":"one-to-self","action":"subscribe-push"}')
@@ -196,7 +195,7 @@ class RecordingPush:
 def test_push_actions_reach_the_push_sink() -> None:
     """Push actions go to the sink after routing, only from registered names."""
     push = RecordingPush()
-    hub = Hub(push=push)
+    hub = new_hub(push=push)
     a, ac = connect(hub, b"/?user=a&errors=json")
     anon, nc = connect(hub, b"/?errors=json")
     connect(hub, b"/?user=b")
@@ -209,3 +208,120 @@ def test_push_actions_reach_the_push_sink() -> None:
                           ("request", "a", "b", True), ("request", "a", "z", False)]
     assert json.loads(anon.sent[-1])["reason"] == "anonymous"
     assert json.loads(a.sent[2])["reason"] == "invalid-subscription"
+
+
+# -- the state seam ------------------------------------------------------------------------------
+
+
+class LaterTable(LaterStore):
+    """A name table whose answers come later, as a table shared over the network would give
+    them: each operation runs, in order, only when the test releases it."""
+
+    def __init__(self) -> None:
+        super().__init__(LocalNameTable(), ("claim", "online"), decide_at_release=True)
+
+    def forward(self, name: str, payload: bytes) -> defer.Deferred[bool]:
+        return self.later.call(self._deliver, name, payload)
+
+    def _deliver(self, name: str, payload: bytes) -> defer.Deferred[bool]:
+        # the name may have been claimed here since the rules looked
+        holder = self.inner.names.get(name)
+        if holder is not None:
+            holder.peer.send(payload)
+        return defer.succeed(holder is not None)
+
+
+def seam_scenario(table: LocalNameTable | LaterTable) -> tuple[list[list[bytes]], list[tuple]]:
+    """Four connections take turns; a table that answers later is answered at the end of each
+    turn (only one sender's order is kept across a pending answer, not the order between
+    senders)."""
+    settle = table.later.release if isinstance(table, LaterTable) else lambda: None
+    push = RecordingPush()
+    hub = new_hub(push=push, table=table)
+    peers = [connect(hub, t) for t in (b"/?user=alice", b"/?user=bob&errors=json",
+                                       b"/?user=alice", b"/")]
+    (_, alice), (_, bob), (_, dup), (_, anon) = peers
+    hub.receive(bob, b'{"protocol":"one-to-one","endpoint":"alice","n":1}')
+    hub.receive(bob, b'{"protocol":"one-to-one","endpoint":"nobody","n":2}')
+    hub.receive(bob, b'{"protocol":"one-to-self","n":3}')
+    settle()
+    hub.receive(dup, b'{"protocol":"one-to-one","to":"bob","action":"connection-request"}')
+    settle()
+    hub.receive(alice, b'{"protocol":"one-to-one","action":"connection-request","to":"bob"}')
+    hub.receive(alice, b'{"protocol":"one-to-one","action":"connection-request","to":"zed"}')
+    hub.receive(alice, b'{"protocol":"one-to-self","action":"subscribe-push","n":4}')
+    settle()
+    hub.receive(anon, b'{"protocol":"one-to-all","n":5}')
+    hub.receive(alice, b'{"protocol":"one-to-self","n":6}')
+    settle()
+    return [peer.sent for peer, _ in peers], push.calls
+
+
+def test_an_asynchronous_name_table_gives_the_same_answers() -> None:
+    """A name table whose Deferreds fire later gives every connection the same frames, in the
+    same order, and push the same requests as the in-process table."""
+    later = seam_scenario(LaterTable())
+    assert later == seam_scenario(LocalNameTable())
+    assert later[1] == [("request", "alice", "bob", True), ("request", "alice", "zed", False),
+                        ("subscribe", "alice", None)]
+
+
+def test_messages_wait_behind_a_pending_name_claim_in_order() -> None:
+    """A client's messages sent while its name claim is pending are handled after the claim,
+    in order; a duplicate hears that the name is taken before any answer to its messages."""
+    table = LaterTable()
+    hub = new_hub(table=table)
+    alice, a = connect(hub, b"/?user=alice")
+    dup, d = connect(hub, b"/?user=alice")
+    hub.receive(a, b'{"protocol":"one-to-self","n":1}')
+    hub.receive(a, b'{"protocol":"one-to-one","endpoint":"alice","n":2}')
+    hub.receive(a, b'{"protocol":"one-to-self","n":3}')
+    hub.receive(d, b'{"protocol":"one-to-one","endpoint":"nobody"}')
+    assert alice.sent == [] and dup.sent == []
+    table.later.release()
+    assert alice.sent == [b'{"protocol":"one-to-self","n":1}',
+                          b'{"protocol":"one-to-one","endpoint":"alice","n":2}',
+                          b'{"protocol":"one-to-self","n":3}']
+    assert dup.sent == [b"The username is taken", b"Could not find a node with the name nobody"]
+    assert hub.names["alice"] is a
+
+
+def test_a_later_not_found_answer_keeps_the_senders_order() -> None:
+    """A not-found answer that waits on the table still comes before the answers to the
+    sender's later messages."""
+    table = LaterTable()
+    hub = new_hub(table=table)
+    s, sc = connect(hub, b"/")
+    hub.receive(sc, b'{"protocol":"one-to-one","endpoint":"nobody"}')
+    hub.receive(sc, b'{"protocol":"one-to-self"}')
+    assert s.sent == []
+    table.later.release()
+    assert s.sent == [b"Could not find a node with the name nobody", b'{"protocol":"one-to-self"}']
+
+
+def test_a_connection_closed_during_its_claim_holds_no_name() -> None:
+    """A name claimed for a connection that closed meanwhile is released, and the messages it
+    left behind are dropped."""
+    table = LaterTable()
+    hub = new_hub(table=table)
+    gone, g = connect(hub, b"/?user=alice")
+    hub.receive(g, b'{"protocol":"one-to-self"}')
+    hub.leave(g)
+    table.later.release()
+    assert "alice" not in hub.names and gone.sent == []
+    again, _ = connect(hub, b"/?user=alice")
+    table.later.release()
+    assert again.sent == [] and "alice" in hub.names
+
+
+class FailingTable(LocalNameTable):
+    def claim(self, name: str, client: Client) -> defer.Deferred[bool]:
+        return defer.fail(RuntimeError("table unreachable"))
+
+
+def test_a_failing_name_table_closes_only_that_connection_with_1011() -> None:
+    """A name table that fails costs the connection concerned only, closed with 1011."""
+    hub = new_hub(table=FailingTable())
+    other, _ = connect(hub, b"/")
+    failed, _ = connect(hub, b"/?user=alice")
+    assert failed.closed == (1011, "internal error") and other.closed is None

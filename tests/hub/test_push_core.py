@@ -7,6 +7,7 @@ import base64
 import json
 import os
 import sqlite3
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -16,10 +17,17 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from twisted.internet import defer, task
 from twisted.python.failure import Failure
 
-from questsig.hub import push
-from questsig.settings import ConfigError
-from questsig.hub.push import (DAY, EXPIRY_INTERVAL, MAX_IN_FLIGHT, MAX_QUEUED, InvalidSubscription,
-                           PushService, PushSettings, Subscription, SubscriptionStore, Vapid)
+from questsig.hub import SETTINGS
+from questsig.hub.push.__main__ import main
+from questsig.hub.push.checks import (InvalidSubscription, Subscription, b64url_decode,
+                                      parse_subscription)
+from questsig.hub.push.crypto import (PushRequest, Vapid, build_request, check_subject,
+                                      connection_request_payload, generate_key, load_vapid_key)
+from questsig.hub.push.delivery import post
+from questsig.hub.push.service import (DAY, EXPIRY_INTERVAL, MAX_IN_FLIGHT, MAX_QUEUED,
+                                       PushService, PushSettings, validate)
+from questsig.hub.push.store import SubscriptionStore
+from questsig.settings import ConfigError, defaults
 from questsig.sqlite import SchemaMismatch
 from hub.webpush_stub import Browser, Delivery, check_vapid, decrypt
 
@@ -53,8 +61,8 @@ def test_string_and_object_forms_give_the_same_subscription() -> None:
     """§8: subscriptionData as a JSON string (upstream's form) or an object is accepted alike;
     other members are ignored."""
     expected = Subscription(GOOD["endpoint"], GOOD["keys"]["p256dh"], GOOD["keys"]["auth"])
-    assert push.parse_subscription(json.dumps(GOOD)) == expected
-    assert push.parse_subscription({**GOOD, "expirationTime": None}) == expected
+    assert parse_subscription(json.dumps(GOOD)) == expected
+    assert parse_subscription({**GOOD, "expirationTime": None}) == expected
 
 
 def test_base64url_padding_is_optional() -> None:
@@ -62,7 +70,7 @@ def test_base64url_padding_is_optional() -> None:
     key = ec.generate_private_key(ec.SECP256R1()).public_key().public_bytes(
         serialization.Encoding.X962, serialization.PublicFormat.UncompressedPoint)
     padded = with_keys(p256dh=b64(key, pad=True), auth=b64(os.urandom(16), pad=True))
-    assert push.parse_subscription(padded).p256dh.endswith("=")
+    assert parse_subscription(padded).p256dh.endswith("=")
 
 
 @pytest.mark.parametrize("endpoint", [
@@ -79,7 +87,7 @@ def test_unsafe_endpoints_are_refused(endpoint: str) -> None:
     """§8: only https endpoints on hosts that are not localhost or a loopback, private,
     link-local (or otherwise non-public) IP literal, in any spelling."""
     with pytest.raises(InvalidSubscription):
-        push.parse_subscription(with_endpoint(endpoint))
+        parse_subscription(with_endpoint(endpoint))
 
 
 @pytest.mark.parametrize("endpoint", [
@@ -90,13 +98,13 @@ def test_ipv6_literals_embedding_a_private_ipv4_are_refused(endpoint: str) -> No
     """§8: an IPv6 literal that carries a private IPv4 address (NAT64, 6to4, IPv4-compatible,
     IPv4-translated) is as private as that address."""
     with pytest.raises(InvalidSubscription):
-        push.parse_subscription(with_endpoint(endpoint))
+        parse_subscription(with_endpoint(endpoint))
 
 
 @pytest.mark.parametrize("endpoint", ["https://[64:ff9b::8.8.8.8]/x", "https://[2002:808:808::]/x"])
 def test_ipv6_literals_embedding_a_public_ipv4_are_accepted(endpoint: str) -> None:
     """§8: an IPv6 literal that carries a public IPv4 address is accepted like that address."""
-    assert push.parse_subscription(with_endpoint(endpoint)).endpoint == endpoint
+    assert parse_subscription(with_endpoint(endpoint)).endpoint == endpoint
 
 
 
@@ -108,28 +116,28 @@ def test_ipv6_literals_embedding_a_public_ipv4_are_accepted(endpoint: str) -> No
 ])
 def test_public_https_endpoints_are_accepted(endpoint: str) -> None:
     """§8: public https endpoints (names and global IP literals) are accepted."""
-    assert push.parse_subscription(with_endpoint(endpoint)).endpoint == endpoint
+    assert parse_subscription(with_endpoint(endpoint)).endpoint == endpoint
 
 
 def test_allowed_hosts_restrict_and_may_be_private() -> None:
     """§8: with push-allowed-hosts the host must equal or be a subdomain of a listed one;
     listed hosts may be private; https is still required."""
     hosts = ("googleapis.com", "127.0.0.1")
-    assert push.parse_subscription(with_endpoint("https://fcm.googleapis.com/x"), hosts)
-    assert push.parse_subscription(with_endpoint("https://googleapis.com/x"), hosts)
-    assert push.parse_subscription(with_endpoint("https://127.0.0.1:4443/x"), hosts)
+    assert parse_subscription(with_endpoint("https://fcm.googleapis.com/x"), hosts)
+    assert parse_subscription(with_endpoint("https://googleapis.com/x"), hosts)
+    assert parse_subscription(with_endpoint("https://127.0.0.1:4443/x"), hosts)
     for refused in ("https://evilgoogleapis.com/x", "https://push.example.com/x",
                     "https://10.0.0.1/x", "http://127.0.0.1/x"):
         with pytest.raises(InvalidSubscription):
-            push.parse_subscription(with_endpoint(refused), hosts)
+            parse_subscription(with_endpoint(refused), hosts)
 
 
 def test_allow_private_permits_http_and_local_hosts() -> None:
     """push-allow-private (testing): http and loopback/private endpoints are accepted."""
     for endpoint in ("http://127.0.0.1:8080/x", "https://localhost/x", "http://10.0.0.1/x"):
-        assert push.parse_subscription(with_endpoint(endpoint), allow_private=True)
+        assert parse_subscription(with_endpoint(endpoint), allow_private=True)
     with pytest.raises(InvalidSubscription):
-        push.parse_subscription(with_endpoint("ftp://127.0.0.1/x"), allow_private=True)
+        parse_subscription(with_endpoint("ftp://127.0.0.1/x"), allow_private=True)
 
 
 @pytest.mark.parametrize("data", [
@@ -146,14 +154,14 @@ def test_bad_subscription_data_is_refused(data: Any) -> None:
     """§8/§6: anything but an object with a good endpoint, a 65-byte 0x04 p256dh and a 16-byte
     auth is refused."""
     with pytest.raises(InvalidSubscription):
-        push.parse_subscription(data)
+        parse_subscription(data)
 
 
 def test_deeply_nested_subscription_string_is_refused_not_raised() -> None:
     """A subscriptionData string nested deeper than the parser can go is an invalid
     subscription, not an exception into the hub."""
     with pytest.raises(InvalidSubscription):
-        push.parse_subscription("[" * 100_000)
+        parse_subscription("[" * 100_000)
     assert not Rig().service.subscribe("alice", '{"endpoint":' + "[" * 100_000)
 
 
@@ -162,11 +170,11 @@ def test_deeply_nested_subscription_string_is_refused_not_raised() -> None:
 
 def test_payload_is_byte_exact() -> None:
     """§8: sorted keys, compact UTF-8, the check and cross marks, the sender JSON-escaped."""
-    assert push.connection_request_payload("alice") == (
+    assert connection_request_payload("alice") == (
         b'{"actions":[{"action":"allowConnection","title":"\xe2\x9c\x94\xef\xb8\x8f Allow"},'
         b'{"action":"denyConnection","title":"\xe2\x9c\x96\xef\xb8\x8f Deny"}],'
         b'"body":"alice\\nwants to connect with you","sender":"alice"}')
-    escaped = push.connection_request_payload('b"o\\\u00f6')
+    escaped = connection_request_payload('b"o\\\u00f6')
     assert escaped.endswith(b'"body":"b\\"o\\\\\xc3\xb6\\nwants to connect with you",'
                             b'"sender":"b\\"o\\\\\xc3\xb6"}')
     assert json.loads(escaped)["sender"] == 'b"o\\\u00f6'
@@ -186,12 +194,12 @@ def test_request_decrypts_and_carries_valid_vapid(encoding: str) -> None:
     TTL, Content-Encoding and a VAPID JWT that verifies (aud, exp = now + 12 h, sub)."""
     vapid = Vapid(ec.generate_private_key(ec.SECP256R1()), SUBJECT)
     receiver = browser("https://push.example.com:8443/p/1")
-    subscription = push.parse_subscription(receiver.subscription)
-    payload = push.connection_request_payload("alice")
+    subscription = parse_subscription(receiver.subscription)
+    payload = connection_request_payload("alice")
     import time
 
     now = time.time()
-    request = push.build_request(subscription, payload, vapid, encoding, 120, now)
+    request = build_request(subscription, payload, vapid, encoding, 120, now)
     delivery = Delivery("/p/1", {k.lower(): v for k, v in request.headers.items()}, request.body)
     assert request.url == receiver.endpoint
     assert delivery.headers["ttl"] == "120"
@@ -236,9 +244,9 @@ def test_post_never_sends_netrc_credentials(tmp_path: Path,
     thread.start()
     try:
         url = f"http://127.0.0.1:{server.server_port}/p"
-        request = push.PushRequest(url, {"TTL": "60", "Authorization": "vapid t=x, k=y"}, b"x")
-        assert push.post(request, 5) == 201
-        assert push.post(push.PushRequest(url, {"TTL": "60"}, b"x"), 5) == 201
+        request = PushRequest(url, {"TTL": "60", "Authorization": "vapid t=x, k=y"}, b"x")
+        assert post(request, 5) == 201
+        assert post(PushRequest(url, {"TTL": "60"}, b"x"), 5) == 201
     finally:
         server.shutdown()
         server.server_close()
@@ -291,10 +299,10 @@ def test_a_trickling_push_service_is_cut_off_at_push_timeout(
     url = f"{'https' if tls else 'http'}://127.0.0.1:{listener.getsockname()[1]}/p"
     try:
         if tls:
-            assert push.post(push.PushRequest(url, {"TTL": "60"}, b"x"), 5) == 201
+            assert post(PushRequest(url, {"TTL": "60"}, b"x"), 5) == 201
         started = time.monotonic()
         with pytest.raises(requests.Timeout):
-            push.post(push.PushRequest(url, {"TTL": "60"}, b"x"), 0.6)
+            post(PushRequest(url, {"TTL": "60"}, b"x"), 0.6)
         assert time.monotonic() - started < 2.5
     finally:
         done.set()
@@ -317,10 +325,10 @@ def test_vapid_keys_in_sec1_and_pkcs8_load(tmp_path: Path) -> None:
     key = ec.generate_private_key(ec.SECP256R1())
     for name, fmt in (("sec1.pem", serialization.PrivateFormat.TraditionalOpenSSL),
                       ("pkcs8.pem", serialization.PrivateFormat.PKCS8)):
-        loaded = push.load_vapid_key(write_key(tmp_path / name, key, fmt))
+        loaded = load_vapid_key(write_key(tmp_path / name, key, fmt))
         assert loaded.private_numbers() == key.private_numbers()
     public = Vapid(key, SUBJECT).public_key
-    assert "=" not in public and len(push.b64url_decode(public)) == 65
+    assert "=" not in public and len(b64url_decode(public)) == 65
 
 
 @pytest.mark.parametrize("make, message", [
@@ -335,35 +343,35 @@ def test_bad_vapid_keys_give_clear_errors(tmp_path: Path, make: Callable[[Path],
                                           message: str) -> None:
     """§8/33: unreadable, non-PEM, encrypted and non-P-256 keys are start-up errors."""
     with pytest.raises(ConfigError, match=message):
-        push.load_vapid_key(make(tmp_path))
+        load_vapid_key(make(tmp_path))
 
 
 def test_subjects_must_be_mailto_or_https() -> None:
     """§8: the sub claim is a mailto: or https: URI."""
     for good in ("mailto:ops@example.com", "https://example.com", "https://example.com/contact"):
-        push.check_subject(good)
+        check_subject(good)
     for bad in ("ops@example.com", "http://example.com", "mailto:", "https://", "example.com"):
         with pytest.raises(ConfigError):
-            push.check_subject(bad)
+            check_subject(bad)
 
 
 def test_validate_needs_both_key_and_subject(tmp_path: Path) -> None:
     """§8/33: push is off with neither setting, an error with only one."""
-    key = push.generate_key(str(tmp_path / "k.pem"))
-    base = {"push-store": "hub-push.sqlite3"}
-    assert push.validate({**base, "push-vapid-key": None, "push-vapid-subject": None},
-                         tmp_path) is None
+    key = generate_key(str(tmp_path / "k.pem"))
+    base = {**defaults(SETTINGS), "push-store": "hub-push.sqlite3"}
+    assert validate({**base, "push-vapid-key": None, "push-vapid-subject": None},
+                    tmp_path) is None
     with pytest.raises(ConfigError, match="push-vapid-subject is not"):
-        push.validate({**base, "push-vapid-key": str(tmp_path / "k.pem")}, tmp_path)
+        validate({**base, "push-vapid-key": str(tmp_path / "k.pem")}, tmp_path)
     with pytest.raises(ConfigError, match="push-vapid-key is not"):
-        push.validate({**base, "push-vapid-subject": SUBJECT}, tmp_path)
-    vapid = push.validate({**base, "push-vapid-key": str(tmp_path / "k.pem"),
-                           "push-vapid-subject": SUBJECT}, tmp_path)
+        validate({**base, "push-vapid-subject": SUBJECT}, tmp_path)
+    vapid = validate({**base, "push-vapid-key": str(tmp_path / "k.pem"),
+                      "push-vapid-subject": SUBJECT}, tmp_path)
     assert vapid is not None and vapid.public_key == key
     with pytest.raises(ConfigError, match="push-store"):
-        push.validate({"push-store": "no/such/dir/x.sqlite3",
-                       "push-vapid-key": str(tmp_path / "k.pem"),
-                       "push-vapid-subject": SUBJECT}, tmp_path)
+        validate({**base, "push-store": "no/such/dir/x.sqlite3",
+                  "push-vapid-key": str(tmp_path / "k.pem"),
+                  "push-vapid-subject": SUBJECT}, tmp_path)
 
 
 def test_genkey_writes_a_private_key_and_prints_the_public_key(
@@ -371,15 +379,15 @@ def test_genkey_writes_a_private_key_and_prints_the_public_key(
     """python -m questsig.hub.push genkey FILE writes a usable PEM key (0600), prints its public
     key, and never overwrites a file."""
     path = tmp_path / "vapid.pem"
-    assert push.main(["genkey", str(path)]) == 0
+    assert main(["genkey", str(path)]) == 0
     out = capsys.readouterr().out
-    key = push.load_vapid_key(str(path))
+    key = load_vapid_key(str(path))
     assert Vapid(key, SUBJECT).public_key in out
     assert path.stat().st_mode & 0o777 == 0o600
     before = path.read_bytes()
-    assert push.main(["genkey", str(path)]) == 1
+    assert main(["genkey", str(path)]) == 1
     assert path.read_bytes() == before
-    assert push.main(["nonsense"]) == 2
+    assert main(["nonsense"]) == 2
 
 
 # -- the store -----------------------------------------------------------------------------------
@@ -486,7 +494,8 @@ class Rig:
         self.store_runner = ImmediateRunner()
         self.sender = ManualRunner()
         self.service = PushService(
-            PushSettings(**{"min_interval": 0.0, **settings}),
+            replace(PushSettings.from_settings(defaults(SETTINGS)),
+                    **{"min_interval": 0.0, **settings}),
             Vapid(ec.generate_private_key(ec.SECP256R1()), SUBJECT), self.store, self.clock,
             self.store_runner, self.sender, wall_clock=lambda: self.wall)
         self.service.startService()
@@ -714,4 +723,4 @@ def test_genkey_runs_as_a_module(tmp_path: Path) -> None:
                           capture_output=True, text=True, timeout=60,
                           cwd=Path(__file__).parent.parent.parent)
     assert done.returncode == 0, done.stderr
-    assert Vapid(push.load_vapid_key(str(path)), SUBJECT).public_key in done.stdout
+    assert Vapid(load_vapid_key(str(path)), SUBJECT).public_key in done.stdout

@@ -96,7 +96,7 @@ async def settle(server: Any) -> None:
                 return
         raise AssertionError("push service never went idle")
 
-    await asyncio.to_thread(server.call, idle)
+    await server.wait(idle())
 
 
 def stored(state_dir: Path) -> dict[str, dict[str, Any]]:
@@ -463,7 +463,7 @@ async def test_slow_push_service_does_not_delay_routing(
             await bob.send(connection_request(name, protocol="one-to-self"))
             await recv(bob)
         await asyncio.to_thread(stub.wait_for, 4)
-        await asyncio.to_thread(server.call, push.flush)
+        await server.wait(push.flush())
         assert (len(push.in_flight), len(push.queue)) == (4, 2)
         started = time.monotonic()
         echo = '{"protocol":"one-to-self","data":"healthcheck"}'

@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 import websockets
 
-from clients import RawWebSocket, closed_with, nothing_arrives, recv
+from clients import RawWebSocket, closed_with, handshake, http, nothing_arrives, read_frame, recv
 
 NOT_RECEIVED = "/error:0001:The message was not received by anyone.:"
 RESERVED = "/error:0002:The message uses a reserved prefix.:"
@@ -84,64 +84,18 @@ def relay_state(server, path: str = "/"):
     return server.mode("pair-relay").relay(path)
 
 
-# -- raw HTTP --------------------------------------------------------------------------------------
-
-def handshake(target: bytes = b"/room", method: bytes = b"GET", drop: tuple[bytes, ...] = (),
-              **replace: bytes) -> bytes:
-    """An opening handshake request; ``drop`` removes headers, keywords replace values."""
-    headers = {b"Host": b"127.0.0.1", b"Upgrade": b"websocket", b"Connection": b"Upgrade",
-               b"Sec-WebSocket-Version": b"13", b"Sec-WebSocket-Key": b"dGhlIHNhbXBsZSBub25jZQ=="}
-    for name, value in replace.items():
-        headers[name.replace("_", "-").encode()] = value
-    lines = [method + b" " + target + b" HTTP/1.1"]
-    lines += [name + b": " + value for name, value in headers.items() if name not in drop]
-    return b"\r\n".join(lines) + b"\r\n\r\n"
-
-
-async def http(port: int, request: bytes) -> tuple[bytes, dict[bytes, bytes], bytes]:
-    """Send raw request bytes; the status line, lower-cased headers and body of the answer."""
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    try:
-        writer.write(request)
-        await writer.drain()
-        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
-        status, *lines = head[:-4].split(b"\r\n")
-        headers = {}
-        for line in lines:
-            name, _, value = line.partition(b":")
-            headers[name.strip().lower()] = value.strip()
-        body = b""
-        if not request.startswith(b"HEAD ") and b"content-length" in headers:
-            body = await asyncio.wait_for(
-                reader.readexactly(int(headers[b"content-length"])), 5)
-        return status, headers, body
-    finally:
-        writer.close()
-
-
-async def read_frame(reader: asyncio.StreamReader, timeout: float = 5) -> tuple[bool, int, bytes]:
-    """One server frame as (fin, opcode, payload)."""
-    first = await asyncio.wait_for(reader.readexactly(2), timeout)
-    n = first[1] & 0x7F
-    if n == 126:
-        n = int.from_bytes(await reader.readexactly(2), "big")
-    elif n == 127:
-        n = int.from_bytes(await reader.readexactly(8), "big")
-    return bool(first[0] & 0x80), first[0] & 0x0F, await reader.readexactly(n)
-
-
 # -- 1-3: handshake and pairing ----------------------------------------------------------------------
 
 async def test_upgrade_accept_and_no_subprotocol(relay, connect) -> None:
     """1: 101 with a correct Sec-WebSocket-Accept, no subprotocol and no extension, even when
     the client offers chat and permessage-deflate."""
     server = relay()
-    status, headers, _ = await http(server.port(), handshake(
+    response = await http(server.port(), handshake(
         Sec_WebSocket_Protocol=b"chat", Sec_WebSocket_Extensions=b"permessage-deflate"))
-    assert status == b"HTTP/1.1 101 Switching Protocols"
-    assert headers[b"sec-websocket-accept"] == b"s3pPLMBiTxaQ9kYGzzhZRbK+xOo="
-    assert b"sec-websocket-protocol" not in headers
-    assert b"sec-websocket-extensions" not in headers
+    assert response.line == b"HTTP/1.1 101 Switching Protocols"
+    assert response.headers["sec-websocket-accept"] == "s3pPLMBiTxaQ9kYGzzhZRbK+xOo="
+    assert "sec-websocket-protocol" not in response.headers
+    assert "sec-websocket-extensions" not in response.headers
     ws = await connect(server.url("/room2"), subprotocols=["chat"])
     assert ws.subprotocol is None
     assert "Sec-WebSocket-Protocol" not in ws.response.headers
@@ -488,9 +442,9 @@ async def test_bad_paths_404(relay, target: bytes) -> None:
     """25/32: an upgrade for the prefix alone, two segments, a trailing slash, a non-UTF-8 or
     a 257-byte id gets 404 with an empty body."""
     server = relay()
-    status, headers, body = await http(server.port(), handshake(target))
-    assert status.split(b" ")[1] == b"404"
-    assert body == b"" and headers.get(b"content-length") == b"0"
+    response = await http(server.port(), handshake(target))
+    assert response.line.split(b" ")[1] == b"404"
+    assert response.body == b"" and response.headers.get("content-length") == "0"
 
 
 @pytest.mark.parametrize("method", [b"POST", b"HEAD", b"OPTIONS", b"PUT"])
@@ -501,18 +455,18 @@ async def test_other_methods_404(relay, method: bytes, upgrade: bool) -> None:
     request = handshake(b"/room", method=method, Content_Length=b"0")
     if not upgrade:
         request = request.replace(b"Upgrade: websocket\r\n", b"")
-    status, headers, body = await http(server.port(), request)
-    assert status.split(b" ")[1] == b"404"
+    response = await http(server.port(), request)
+    assert response.line.split(b" ")[1] == b"404"
     # a HEAD answer has no body by definition, and twisted.web omits its length
-    assert body == b"" and headers.get(b"content-length", b"0") == b"0"
+    assert response.body == b"" and response.headers.get("content-length", "0") == "0"
 
 
 async def test_plain_get_400(relay) -> None:
     """27: a plain GET /room gets HTTP/1.1 400 No WebSocket Upgrade header found, empty."""
     server = relay()
-    status, headers, body = await http(server.port(), b"GET /room HTTP/1.1\r\nHost: x\r\n\r\n")
-    assert status == b"HTTP/1.1 400 No WebSocket Upgrade header found"
-    assert headers[b"content-length"] == b"0" and body == b""
+    response = await http(server.port(), b"GET /room HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert response.line == b"HTTP/1.1 400 No WebSocket Upgrade header found"
+    assert response.headers["content-length"] == "0" and response.body == b""
 
 
 @pytest.mark.parametrize("request_bytes,status_line", [
@@ -532,9 +486,9 @@ async def test_plain_get_400(relay) -> None:
 async def test_handshake_faults_400(relay, request_bytes: bytes, status_line: bytes) -> None:
     """28: each handshake fault gets its exact 400 reason phrase with an empty body."""
     server = relay()
-    status, headers, body = await http(server.port(), request_bytes)
-    assert status == status_line
-    assert headers[b"content-length"] == b"0" and body == b""
+    response = await http(server.port(), request_bytes)
+    assert response.line == status_line
+    assert response.headers["content-length"] == "0" and response.body == b""
 
 
 @pytest.mark.parametrize("request_bytes", [
@@ -543,8 +497,8 @@ async def test_handshake_faults_400(relay, request_bytes: bytes, status_line: by
 async def test_library_faults_400(relay, connect, request_bytes: bytes) -> None:
     """§3: other handshake faults get a 400, and the server keeps serving."""
     server = relay()
-    status, _, _ = await http(server.port(), request_bytes)
-    assert status.split(b" ")[1] == b"400"
+    response = await http(server.port(), request_bytes)
+    assert response.line.split(b" ")[1] == b"400"
     a = await connect(server.url("/room"))
     await expect(a, WAITING)
 
@@ -554,18 +508,18 @@ async def test_connection_token_on_any_line(relay) -> None:
     server = relay()
     request = handshake(Connection=b"keep-alive").replace(
         b"Connection: keep-alive\r\n", b"Connection: keep-alive\r\nConnection: Upgrade\r\n")
-    status, _, _ = await http(server.port(), request)
-    assert status == b"HTTP/1.1 101 Switching Protocols"
+    response = await http(server.port(), request)
+    assert response.line == b"HTTP/1.1 101 Switching Protocols"
 
 
 async def test_version_8_accepted(relay) -> None:
     """29: Sec-WebSocket-Version 8 is accepted."""
     server = relay()
     key = base64.b64encode(os.urandom(16))
-    status, headers, _ = await http(server.port(), handshake(
+    response = await http(server.port(), handshake(
         Sec_WebSocket_Version=b"8", Sec_WebSocket_Key=key))
-    assert status == b"HTTP/1.1 101 Switching Protocols"
-    assert headers[b"sec-websocket-accept"] == base64.b64encode(
+    assert response.line == b"HTTP/1.1 101 Switching Protocols"
+    assert response.headers["sec-websocket-accept"].encode() == base64.b64encode(
         hashlib.sha1(key + GUID).digest())
 
 
@@ -596,8 +550,8 @@ async def test_id_length_limit(relay, connect) -> None:
     await expect(a, WAITING)
     b = await connect(server.url("/" + "%C3%A9" * 128))
     await expect(b, CONNECTED)
-    status, _, _ = await http(server.port(), handshake(b"/" + b"%C3%A9" * 128 + b"a"))
-    assert status.split(b" ")[1] == b"404"
+    response = await http(server.port(), handshake(b"/" + b"%C3%A9" * 128 + b"a"))
+    assert response.line.split(b" ")[1] == b"404"
 
 
 async def test_prefix(relay, connect) -> None:
@@ -606,8 +560,8 @@ async def test_prefix(relay, connect) -> None:
     a = await connect(server.url("/relay/room"))
     await expect(a, WAITING)
     for target in (b"/room", b"/relay", b"/relay/"):
-        status, _, body = await http(server.port(), handshake(target))
-        assert status.split(b" ")[1] == b"404" and body == b""
+        response = await http(server.port(), handshake(target))
+        assert response.line.split(b" ")[1] == b"404" and response.body == b""
 
 
 async def test_state_per_mount(serve, connect) -> None:
@@ -811,7 +765,7 @@ async def test_stress_random_join_leave(relay) -> None:
     async def watch() -> None:
         for _ in range(100):
             # one waiter per id, no self-pairs, at any moment
-            await asyncio.to_thread(server.call, state.check)
+            server.call(state.check)
             await asyncio.sleep(0.05)
 
     watcher = asyncio.ensure_future(watch())
@@ -864,7 +818,7 @@ async def test_twistd_with_toml_settings(spawn_twistd, tmp_path) -> None:
         await expect(a, b"\x01secret")
         await a.send("/status:secret")
         await expect(a, RESERVED + "/status:secret")
-        status, _, _ = await http(port, handshake(b"/room"))
-        assert status.split(b" ")[1] == b"404"
+        response = await http(port, handshake(b"/room"))
+        assert response.line.split(b" ")[1] == b"404"
     assert await asyncio.to_thread(t.stop) in (0, -15)
     assert "mode pair-relay ready" in t.output and "secret" not in t.output

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import sqlite3
 import threading
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -13,14 +14,16 @@ from twisted.internet import defer
 from twisted.internet.task import Clock
 from twisted.python.failure import Failure
 
+from fakes import FakePeer, Later, LaterStore
+from questsig import router as router_mode
 from questsig.router import core
 from questsig.router.core import (
-    CLIENT, HOST, MEMBER, KeyHashing, Router, RouterError, RouterRules, UnknownRegistration,
+    CLIENT, HOST, MEMBER, KeyHashing, LocalRegistrations, Record, Router, RouterError,
+    RouterRules, UnknownRegistration,
     hash_key, key_matches, parse_query, route_parameters, valid_id_req,
 )
-from questsig.router.store import (
-    SCHEMA_VERSION, MemoryRegistrations, Record, SqliteFile, SqliteRegistrations, StoreError,
-)
+from questsig.router.store import SCHEMA_VERSION, SqliteFile, SqliteRegistrations, StoreError
+from questsig.settings import defaults
 
 
 @pytest.fixture(autouse=True)
@@ -29,19 +32,6 @@ def cheap_hashes(request: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     real parameters)."""
     if request.node.name != "test_keys_are_salted_scrypt_hashes":
         monkeypatch.setitem(core.SCRYPT, "n", 2 ** 4)
-
-
-class FakeSocket:
-    def __init__(self) -> None:
-        self.received: list[tuple[bytes, bool]] = []
-        self.closed: tuple[int, str] | None = None
-
-    def send(self, payload: bytes, binary: bool = False) -> None:
-        assert self.closed is None, "sent to a closed socket"
-        self.received.append((payload, binary))
-
-    def close(self, code: int, reason: str = "") -> None:
-        self.closed = (code, reason)
 
 
 def result(d: defer.Deferred[Any]) -> Any:
@@ -54,9 +44,14 @@ def result(d: defer.Deferred[Any]) -> Any:
     return outcome[0]
 
 
-def make_router(**rules: Any) -> tuple[Router, MemoryRegistrations, Clock]:
-    store, clock = MemoryRegistrations(), Clock()
-    return Router(RouterRules(**rules), store, clock), store, clock
+def make_rules(**changes: Any) -> RouterRules:
+    """The mode's default rules (from its SETTINGS), with ``changes``."""
+    return replace(RouterRules.from_settings(defaults(router_mode.SETTINGS)), **changes)
+
+
+def make_router(**rules: Any) -> tuple[Router, LocalRegistrations, Clock]:
+    store, clock = LocalRegistrations(), Clock()
+    return Router(make_rules(**rules), store, clock), store, clock
 
 
 def register(router: Router, key: str = "k", host_key: str = "h", reg_type: str = "hostclient",
@@ -65,9 +60,9 @@ def register(router: Router, key: str = "k", host_key: str = "h", reg_type: str 
 
 
 def join(router: Router, reg_id: str, sock_type: str | None = HOST,
-         key: str = "k") -> tuple[Any, FakeSocket]:
+         key: str = "k") -> tuple[Any, FakePeer]:
     registration, role = result(router.admit(reg_id, key, sock_type))
-    socket = FakeSocket()
+    socket = FakePeer(strict=True)
     member = router.join(registration, socket, role)
     assert member is not None
     return member, socket
@@ -99,7 +94,7 @@ def test_route_parameters() -> None:
 
 def test_id_req_validity() -> None:
     """id_req: 8-64 UTF-8 bytes, no control characters; '/', spaces, non-ASCII allowed."""
-    rules = RouterRules()
+    rules = make_rules()
     assert valid_id_req("myhost01", rules)
     assert valid_id_req("a b/c d", rules) is False  # 7 bytes
     assert valid_id_req("é" * 4, rules)  # 8 bytes
@@ -173,7 +168,7 @@ def test_reregistration_is_idempotent() -> None:
     host, host_socket = join(router, reg)
     client, _ = join(router, reg, CLIENT)
     assert register(router, id_req="myhost01") == reg
-    assert host_socket.closed is None and len(router.registrations[reg].members) == 2
+    assert host_socket.closed is None and len(router.members.local(router.registrations[reg])) == 2
     router.leave(host)
     router.leave(client)
     assert router.registrations[reg].expiry is not None  # the grace runs
@@ -196,7 +191,7 @@ def test_reregistration_with_other_type_or_keys_is_not_the_owner() -> None:
     assert store.rows[reg].key_salt == salt and store.rows[reg].reg_type == "hostclient"
 
 
-class SlowUpdateStore(MemoryRegistrations):
+class SlowUpdateStore(LocalRegistrations):
     """A store whose updates wait until the test fires them."""
 
     def __init__(self) -> None:
@@ -213,7 +208,7 @@ class SlowUpdateStore(MemoryRegistrations):
 def test_reregistration_cancels_the_grace_before_its_write() -> None:
     """A grace ending while a re-registration is written does not remove the answered id."""
     store, clock = SlowUpdateStore(), Clock()
-    router = Router(RouterRules(auto_remove_grace=10), store, clock)
+    router = Router(make_rules(auto_remove_grace=10), store, clock)
     reg = register(router, id_req="myhost01")
     member, _ = join(router, reg)
     store.pending.pop().callback(None)  # marking it used
@@ -229,7 +224,7 @@ def test_reregistration_cancels_the_grace_before_its_write() -> None:
 def test_reregistration_racing_a_removal_registers_again() -> None:
     """A registration removed while its re-registration is written is registered anew."""
     store, clock = SlowUpdateStore(), Clock()
-    router = Router(RouterRules(), store, clock)
+    router = Router(make_rules(), store, clock)
     reg = register(router, id_req="myhost01")
     renewing = router.register("k", "h", "hostclient", "myhost01")
     result(router.remove(reg, "k", "h"))
@@ -261,7 +256,7 @@ def test_max_registrations() -> None:
     register(router)
 
 
-class ManualStore(MemoryRegistrations):
+class ManualStore(LocalRegistrations):
     """A store whose inserts wait until the test fires them."""
 
     def __init__(self) -> None:
@@ -281,7 +276,7 @@ class ManualStore(MemoryRegistrations):
 def test_concurrent_registrations_of_one_id_never_overwrite() -> None:
     """Two registrations racing for one id_req: one gets it, the other a fresh id."""
     store, clock = ManualStore(), Clock()
-    router = Router(RouterRules(), store, clock)
+    router = Router(make_rules(), store, clock)
     first = router.register("k1", "h", "hostclient", "contest1")
     second = router.register("k2", "h", "hostclient", "contest1")
     assert len(store.pending) == 2
@@ -368,7 +363,7 @@ def test_join_after_removal_is_refused() -> None:
     reg = register(router)
     registration, role = result(router.admit(reg, "k", HOST))
     result(router.remove(reg, "k", "h"))
-    assert router.join(registration, FakeSocket(), role) is None
+    assert router.join(registration, FakePeer(strict=True), role) is None
 
 
 # -- relay -----------------------------------------------------------------------------------------
@@ -381,8 +376,8 @@ def test_lobby_relay() -> None:
     (a, sa), (_, sb), (_, sc) = (join(router, reg, None) for _ in range(3))
     router.relay(a, b"hi", False)
     router.relay(a, b"\x00\x01", True)
-    assert sa.received == []
-    assert sb.received == sc.received == [(b"hi", False), (b"\x00\x01", True)]
+    assert sa.frames == []
+    assert sb.frames == sc.frames == [(b"hi", False), (b"\x00\x01", True)]
 
 
 def test_host_client_relay() -> None:
@@ -392,16 +387,16 @@ def test_host_client_relay() -> None:
     (h1, sh1), (_, sh2) = join(router, reg, HOST), join(router, reg, HOST)
     (c1, sc1), (_, sc2) = join(router, reg, CLIENT), join(router, reg, CLIENT)
     router.relay(c1, b"offer", False)
-    assert sh1.received == sh2.received == [(b"offer", False)] and sc2.received == []
+    assert sh1.frames == sh2.frames == [(b"offer", False)] and sc2.frames == []
     router.relay(h1, b"answer", False)
-    assert sc1.received == sc2.received == [(b"answer", False)]
-    assert sh2.received == [(b"offer", False)]
+    assert sc1.frames == sc2.frames == [(b"answer", False)]
+    assert sh2.frames == [(b"offer", False)]
 
 
 def test_relay_hands_all_recipients_to_one_fanout() -> None:
     """A message goes to its recipients in one fanout call, so the adapter frames it once."""
     calls: list[tuple[list[Any], bytes, bool]] = []
-    router = Router(RouterRules(), MemoryRegistrations(), Clock(),
+    router = Router(make_rules(), LocalRegistrations(), Clock(),
                     fanout=lambda sockets, payload, binary: calls.append(
                         (list(sockets), payload, binary)))
     reg = register(router, reg_type="lobby")
@@ -416,7 +411,7 @@ def test_no_recipient_is_dropped() -> None:
     reg = register(router)
     host, socket = join(router, reg, HOST)
     router.relay(host, b"alone", False)
-    assert socket.received == [] and socket.closed is None
+    assert socket.frames == [] and socket.closed is None
 
 
 def test_remove_closes_sockets_and_drops_their_frames() -> None:
@@ -432,7 +427,7 @@ def test_remove_closes_sockets_and_drops_their_frames() -> None:
     assert sh.closed == sc.closed == (1000, "registration removed")
     assert reg not in router.registrations and reg not in store.rows
     router.relay(client, b"late", False)
-    assert sh.received == []
+    assert sh.frames == []
     with pytest.raises(UnknownRegistration):
         result(router.remove(reg, "k", "h"))
 
@@ -533,13 +528,13 @@ def test_timer_errors_are_logged_not_raised() -> None:
 
 def test_load_takes_over_stored_registrations() -> None:
     """At start: expired ones go, connected ones get their grace, unused ones their TTL."""
-    store, clock = MemoryRegistrations(), Clock()
+    store, clock = LocalRegistrations(), Clock()
     clock.advance(1000)
     for record in (Record("expired1", "lobby", b"1", b"h", b"s", b"h", 0.0),
                    Record("unused01", "lobby", b"2", b"h", b"s", b"h", 990.0),
                    Record("connect1", "hostclient", b"3", b"h", b"s", b"h", 0.0, True)):
         result(store.insert(record))
-    router = Router(RouterRules(unused_ttl=100, auto_remove_grace=5), store, clock)
+    router = Router(make_rules(unused_ttl=100, auto_remove_grace=5), store, clock)
     router.load(store.load())
     assert set(router.registrations) == {"unused01", "connect1"}
     assert "expired1" not in store.rows
@@ -555,7 +550,7 @@ def test_stats_sorted() -> None:
     b = register(router, id_req="bbbbbbbb")
     register(router, reg_type="lobby", id_req="aaaaaaaa")
     join(router, b)
-    assert router.stats() == [
+    assert result(router.stats()) == [
         {"connections": 0, "destroy": False, "id": "aaaaaaaa", "reg_type": "Lobby"},
         {"connections": 1, "destroy": False, "id": "bbbbbbbb", "reg_type": "HostClient"}]
 
@@ -568,6 +563,255 @@ def test_error_statuses() -> None:
     assert RouterError("TooManyRegistrations").status("upstream") == 503
     assert RouterError("InvalidSockType").body == b"Unhandled rejection: InvalidSockType"
 
+
+def later_registrations(later: Later) -> LaterStore:
+    """Registrations decided when asked and answered through ``later``, as from a store across
+    the network."""
+    return LaterStore(LocalRegistrations(),
+                      ("insert", "update", "delete", "get", "count", "records"), later)
+
+
+def later_members(later: Later) -> LaterStore:
+    """Members decided when asked and answered through ``later``."""
+    return LaterStore(core.LocalMembers(), ("add", "discard", "counts", "clear"), later)
+
+
+def seam_scenario(router: Router, clock: Clock, release: Any,
+                  outstanding: Any) -> tuple[list[Any], int]:
+    """Register, join, relay, count, remove and expire; every answer the rules gave, and how
+    many store answers were still outstanding while frames were relayed."""
+    seen: list[Any] = []
+
+    def answer(d: defer.Deferred[Any]) -> Any:
+        release()
+        try:
+            return result(d)
+        except RouterError as e:
+            return e.name
+        except UnknownRegistration:
+            return 404
+
+    def joined(reg_id: str, sock_type: str | None) -> tuple[Any, FakePeer]:
+        registration, role = answer(router.admit(reg_id, "k", sock_type))
+        socket = FakePeer(strict=True)
+        return router.join(registration, socket, role), socket
+
+    reg = answer(router.register("k", "h", "hostclient", "myhost01"))
+    seen.append(reg)
+    seen.append(answer(router.register("k", "h", "hostclient", "myhost01")))
+    unused = answer(router.register("x", "h", "hostclient", "myhost01"))
+    seen.append(unused != reg)
+
+    def ids() -> list[str]:  # the fresh id is random: named by its role
+        return sorted("fresh" if i == unused else i for i in router.registrations)
+    (host, sh), (c1, s1), (c2, s2) = (joined(reg, t) for t in (HOST, CLIENT, CLIENT))
+    busy = outstanding()
+    for n in range(5):
+        router.relay(c1, b"%d" % n, False)
+    router.relay(host, b"answer", False)
+    router.relay(c2, b"5", True)
+    seen += [sh.frames, s1.frames, s2.frames]
+    seen.append(answer(router.admit(reg, "k", HOST)))
+    seen.append([{**r, "id": r["id"] == reg} for r in answer(router.stats())])
+    router.leave(c1)
+    router.leave(c2)
+    release()
+    seen.append([r["connections"] for r in answer(router.stats())])
+    seen.append(answer(router.remove(reg, "k", "wrong")))
+    router.leave(host)
+    release()
+    clock.advance(59)
+    release()
+    seen.append(ids())
+    clock.advance(1)
+    release()
+    seen.append((ids(), sh.closed))
+    clock.advance(100)
+    release()
+    seen.append(ids())
+    lobby = answer(router.register("k", "h", "lobby", "lobby001"))
+    (a, sa), (_, sb) = joined(lobby, None), joined(lobby, None)
+    seen.append(answer(router.remove(lobby, "k", "h")))
+    router.relay(a, b"late", False)
+    seen.append((sa.closed, sb.closed, sb.frames))
+    seen.append(answer(router.admit(lobby, "k", None)))
+    seen.append(sorted(router.store.rows))  # type: ignore[attr-defined]
+    other = answer(router.register("k", "h", "lobby", "other001"))
+    _, so = joined(other, None)
+    removed_elsewhere(router.store, other)  # type: ignore[arg-type]
+    release()
+    seen.append((so.closed, answer(router.admit(other, "k", None)), ids()))
+    return seen, busy
+
+
+def test_late_store_answers_keep_the_rules_and_sender_order() -> None:
+    """Registrations and members answering later give the same answers and per-sender order."""
+    settings = dict(max_sockets_per_registration=3, auto_remove_grace=60, unused_ttl=100)
+    clock = Clock()
+    expected, _ = seam_scenario(Router(make_rules(**settings), LocalRegistrations(), clock),
+                                clock, lambda: None, lambda: 0)
+    later, clock = Later(), Clock()
+    router = Router(make_rules(**settings), later_registrations(later), clock,
+                    members=later_members(later))
+    seen, busy = seam_scenario(router, clock, later.release, lambda: later.pending)
+    assert busy > 0  # the joins were still being counted while the frames went out
+    assert seen == expected
+    assert expected[3] == [(b"0", False), (b"1", False), (b"2", False), (b"3", False),
+                           (b"4", False), (b"5", True)]
+
+
+
+def test_lookup_answered_after_a_removal_here_does_not_bring_it_back() -> None:
+    """A /connect whose lookup was answered before a /remove here, but arrives after it, is 404."""
+    later = Later()
+    router = Router(make_rules(), later_registrations(later), Clock())
+    registering = router.register("k", "h", "lobby", None)
+    later.release()
+    reg = result(registering)
+    removing = router.remove(reg, "k", "h")
+    connecting = router.admit(reg, "k", None)  # its answer, decided now, still holds the record
+    later.release()
+    assert result(removing) is None
+    with pytest.raises(UnknownRegistration):
+        result(connecting)
+    assert reg not in router.registrations and not router._gone
+    connecting = router.admit(reg, "k", None)
+    later.release()
+    with pytest.raises(UnknownRegistration):
+        result(connecting)
+
+
+def removed_elsewhere(store: LocalRegistrations, reg_id: str) -> bytes:
+    """Remove a registration as another node would: from the store, then report it."""
+    salt = store.rows.pop(reg_id).key_salt
+    for listener in store.listeners:
+        listener(reg_id, salt)
+    return salt
+
+
+def test_removal_reported_by_the_store_closes_local_sockets() -> None:
+    """A registration removed on another node: its sockets here get the /remove Close."""
+    router, store, clock = make_router(auto_remove_grace=10)
+    reg = register(router, id_req="shared01")
+    host, sh = join(router, reg, HOST)
+    client, sc = join(router, reg, CLIENT)
+    removed_elsewhere(store, reg)
+    assert sh.closed == sc.closed == (1000, "registration removed")
+    assert reg not in router.registrations
+    router.relay(client, b"late", False)
+    assert sh.frames == []
+    with pytest.raises(UnknownRegistration):
+        result(router.admit(reg, "k", HOST))
+    router.leave(host)
+    router.leave(client)
+    # a late report of the old registration leaves a newer one of the same id alone
+    assert register(router, key="new", id_req="shared01") == reg
+    _, newer = join(router, reg, HOST, key="new")
+    for listener in store.listeners:
+        listener(reg, b"an older salt")
+    clock.advance(100)
+    assert newer.closed is None and reg in router.registrations and reg in store.rows
+
+
+def test_registration_made_on_another_node_is_served_here() -> None:
+    """A registration this node never saw is found through the store: connect, renew, remove."""
+    router, store, _ = make_router()
+    key_salt, key_hash = hash_key("k")
+    host_salt, host_hash = hash_key("h")
+    store.rows["remote01"] = Record("remote01", "hostclient", key_salt, key_hash, host_salt,
+                                    host_hash, 0.0, True)
+    assert error_name(router.admit("remote01", "wrong", HOST)) == "IncorrectKey"
+    _, socket = join(router, "remote01", HOST)
+    assert register(router, id_req="remote01") == "remote01"
+    assert [r["id"] for r in result(router.stats())] == ["remote01"]
+    result(router.remove("remote01", "k", "h"))
+    assert socket.closed == (1000, "registration removed") and "remote01" not in store.rows
+
+
+def test_a_stored_registration_unseen_here_is_replaced_in_the_view() -> None:
+    """A newer registration of an id, found in the store, ends the older one seen here."""
+    router, store, _ = make_router()
+    reg = register(router, reg_type="lobby", id_req="shared01")
+    _, old_socket = join(router, reg, None)
+    old = store.rows.pop(reg)  # removed on another node, its report lost
+    key_salt, key_hash = hash_key("k2")
+    store.rows[reg] = replace(old, key_salt=key_salt, key_hash=key_hash)
+    _, socket = join(router, reg, None, key="k2")
+    assert old_socket.closed == (1000, "registration removed") and socket.closed is None
+    assert router.registrations[reg].record.key_salt == key_salt
+
+
+def test_expiry_is_decided_through_the_store() -> None:
+    """A timer here does not remove a registration renewed on another node; it waits anew."""
+    router, store, clock = make_router(unused_ttl=30)
+    reg = register(router)
+    clock.advance(20)
+    store.rows[reg] = replace(store.rows[reg], registered_at=20.0)  # renewed elsewhere
+    clock.advance(10)
+    assert reg in router.registrations and reg in store.rows
+    clock.advance(19)
+    assert reg in store.rows
+    clock.advance(1)
+    assert reg not in router.registrations and reg not in store.rows
+
+
+def test_unused_ttl_here_gives_way_to_a_use_elsewhere() -> None:
+    """A registration first used on another node gets the grace here, not the unused TTL."""
+    router, store, clock = make_router(unused_ttl=30, auto_remove_grace=5)
+    reg = register(router)
+    store.rows[reg] = replace(store.rows[reg], connected=True)  # a socket came and went there
+    clock.advance(30)
+    assert reg in router.registrations and router.registrations[reg].record.connected
+    clock.advance(5)
+    assert reg not in router.registrations and reg not in store.rows
+
+
+def test_delete_only_if_not_renewed_since(tmp_path: Path) -> None:
+    """An expiry's delete needs the salt and registered_at it saw; /remove's only the salt."""
+    local = LocalRegistrations()
+    result(local.insert(record("id000001")))
+    assert result(local.delete("id000001", b"salt", 12.0)) is False
+    assert result(local.delete("id000001", b"other")) is False
+    assert result(local.delete("id000001", b"salt", 12.5)) is True
+    assert not local.rows
+    store = SqliteFile(tmp_path / "r.sqlite3")
+    store.open()
+    store.insert(record("id000001"))
+    store.delete("id000001", b"salt", 12.0)
+    assert store.db is not None
+    assert store.db.execute("SELECT count(*) FROM registrations").fetchone() == (1,)
+    store.delete("id000001", b"salt", 12.5)
+    assert store.db.execute("SELECT count(*) FROM registrations").fetchone() == (0,)
+    store.close()
+
+
+def test_threaded_store_answers_lookups_from_its_rows(tmp_path: Path) -> None:
+    """The SQLite store answers lookups at once, as its rows are asked to be."""
+    store = SqliteRegistrations(tmp_path / "r.sqlite3", CallingReactor())
+    store.load()
+
+    def wait(d: defer.Deferred[Any]) -> Any:
+        done = threading.Event()
+        d.addBoth(lambda outcome: (done.set(), outcome)[1])
+        assert done.wait(10)
+        return result(d)
+    try:
+        assert wait(store.insert(record("id000001"))) is True
+        assert result(store.get("id000001")) == record("id000001")
+        updating = store.update("id000001", b"salt", connected=True)
+        assert result(store.get("id000001")).connected  # as asked, before it is committed
+        wait(updating)
+        assert result(store.count()) == 1 and len(result(store.records())) == 1
+        assert result(store.delete("id000001", b"salt", 1.0)) is False
+        deleting = store.delete("id000001", b"salt")
+        assert result(store.get("id000001")) is None
+        assert wait(deleting) is True
+    finally:
+        wait(store._call(store.file.close))
+        store._thread.pool.stop()
+    check = SqliteFile(tmp_path / "r.sqlite3")
+    assert check.open() == []
+    check.close()
 
 # -- the SQLite store ------------------------------------------------------------------------------
 

@@ -17,9 +17,9 @@ import pytest
 import websockets
 from twisted.logger import formatEvent, globalLogPublisher
 
-from clients import TIMEOUT, RawWebSocket, closed_with, nothing_arrives, recv
-from questsig.router.core import hash_key
-from questsig.router.store import Record, SqliteFile
+from clients import TIMEOUT, RawWebSocket, Response, closed_with, fetch, nothing_arrives, recv
+from questsig.router.core import Record, hash_key
+from questsig.router.store import SqliteFile
 
 MIB = 1024 * 1024
 
@@ -33,37 +33,10 @@ def router(serve: Any, **settings: Any) -> Any:
     return serve(mounts=["/=router"], document={"router": settings}, overrides=overrides)
 
 
-@dataclass
-class Response:
-    status: int
-    headers: dict[str, str]
-    body: bytes
-
-
 async def http(server: Any, target: str | bytes, method: str = "GET",
                headers: dict[str, str] | None = None, timeout: float = TIMEOUT) -> Response:
-    """One HTTP/1.1 request with exactly the given headers (plus Host); the raw response."""
-    reader, writer = await asyncio.open_connection("127.0.0.1", server.port())
-    if isinstance(target, str):
-        target = target.encode()
-    request = method.encode() + b" " + target + b" HTTP/1.1\r\nHost: 127.0.0.1\r\n"
-    for name, value in (headers or {}).items():
-        request += f"{name}: {value}\r\n".encode()
-    writer.write(request + b"\r\n")
-    try:
-        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), timeout)
-        lines = head.decode("latin-1").split("\r\n")
-        status = int(lines[0].split(" ")[1])
-        found: dict[str, str] = {}
-        for line in lines[1:]:
-            if line:
-                name, _, value = line.partition(":")
-                found[name.strip().lower()] = value.strip()
-        size = int(found.get("content-length", "0")) if method != "HEAD" else 0
-        body = await asyncio.wait_for(reader.readexactly(size), TIMEOUT)
-    finally:
-        writer.close()
-    return Response(status, found, body)
+    """One HTTP/1.1 request to ``server`` with exactly the given headers (plus Host)."""
+    return await fetch(server.port(), target, method, headers, timeout)
 
 
 async def register(server: Any, key: str = "k", host_key: str = "h",
@@ -494,6 +467,7 @@ async def test_server_never_sends_its_own_data_frames(serve: Any) -> None:
             await register(server, reg_type="lobby", id_req="lobby001")
             await http(server, f"/remove?id={reg}&key=k&host_key=wrong")
             await http(server, "/stats?token=t")
+            await nothing_reaches(c)
         await nothing_reaches(a, b)
         await a.send("only this")
         assert await recv(b) == "only this"
@@ -703,7 +677,7 @@ async def test_upgrade_after_shutdown_began_closes_1001(serve: Any) -> None:
 
     async def released() -> bool:
         # the admission is given back without arming a timer that would outlive the stop
-        return server.call(lambda: (len(core.registrations[reg].members),
+        return server.call(lambda: (len(core.members.local(core.registrations[reg])),
                                     core.registrations[reg].arriving,
                                     core.registrations[reg].expiry)) == (0, 0, None)
     await until(released)
@@ -874,13 +848,13 @@ async def test_socket_being_closed_is_removed_at_once(serve: Any) -> None:
     try:
         async with connect(server, f"id={reg}&key=k") as other:
             def overflow() -> None:
-                for member in list(core.registrations[reg].members):
+                for member in list(core.members.local(core.registrations[reg])):
                     if member.socket.request.client == raw_address:
                         member.socket.send_buffer_overflow()
             server.call(overflow)
             assert await raw.read_frame() == (0x8, (1008).to_bytes(2, "big")
                                                 + b"send buffer overflow")
-            assert server.call(lambda: len(core.registrations[reg].members)) == 1
+            assert server.call(lambda: len(core.members.local(core.registrations[reg]))) == 1
             await raw.send_frame(0x1, b"after the close")
             await nothing_reaches(other)
     finally:
@@ -911,6 +885,18 @@ async def test_max_sockets_per_registration(serve: Any) -> None:
     async with sockets(server, f"id={reg}&key=k", f"id={reg}&key=k"):
         response = await http(server, f"/connect?id={reg}&key=k", headers=UPGRADE)
         assert (response.status, response.body) == (503, b"Unhandled rejection: TooManyConnections")
+
+
+async def test_connect_from_a_refused_origin_gets_403_and_frees_its_place(serve: Any) -> None:
+    """With origins set, /connect from another origin is answered 403 at once and does not
+    keep a socket's place in the registration."""
+    server = router(serve, origins=["https://app.example"], max_sockets_per_registration=1)
+    reg = await register(server, reg_type="lobby")
+    refused = await http(server, f"/connect?id={reg}&key=k",
+                         headers={**UPGRADE, "Origin": "https://evil.example"})
+    assert (refused.status, refused.body) == (403, b"Origin not allowed\n")
+    async with connect(server, f"id={reg}&key=k", origin="https://app.example") as ws:
+        await still_open(ws)
 
 
 async def test_semantic_error_status(serve: Any) -> None:
@@ -980,8 +966,8 @@ class Remote:
         return f"ws://127.0.0.1:{self.port_number}{path}"
 
 
-def test_restart_of_the_process_keeps_the_registration(spawn_twistd: Any,
-                                                       tmp_path: Path) -> None:
+async def test_restart_of_the_process_keeps_the_registration(spawn_twistd: Any,
+                                                             tmp_path: Path) -> None:
     """A restarted twistd serves the stored id; a bad store fails the start in one line."""
     state = tmp_path / "state"
     args = ["--endpoint", "tcp:0:interface=127.0.0.1", "--mount", "/=router",
@@ -998,13 +984,13 @@ def test_restart_of_the_process_keeps_the_registration(spawn_twistd: Any,
 
     first = spawn_twistd(*args)
     port = first.wait_listening()
-    assert asyncio.run(scenario(port, "register")) == "process1"
+    assert await scenario(port, "register") == "process1"
     assert first.stop(signal.SIGTERM) in (0, -signal.SIGTERM)  # twistd re-raises SIGTERM
     assert (state / "reg" / "router.sqlite3").exists()
 
     second = spawn_twistd(*args)
     port = second.wait_listening()
-    asyncio.run(scenario(port, "connect"))
+    await scenario(port, "connect")
     assert second.stop(signal.SIGTERM) in (0, -signal.SIGTERM)
     assert "persist-key" not in first.output + second.output
 

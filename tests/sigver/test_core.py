@@ -1,5 +1,6 @@
 """Unit tests of the sigver core (questsig.sigver.core), driven with fake links and a Clock, and
-of its codec against questsig/sigver.proto compiled by protoc (grpcio-tools)."""
+of its codec (questsig.sigver.codec) against questsig/sigver/sigver.proto compiled by protoc
+(grpcio-tools)."""
 from __future__ import annotations
 
 import importlib.util
@@ -10,37 +11,33 @@ from typing import Any
 
 import pytest
 from google.protobuf.message import DecodeError
+from twisted.internet import defer
 from twisted.internet.task import Clock
 
+import questsig.sigver as sigver_mode
+from fakes import FakePeer, LaterStore
+from questsig.settings import defaults
+from questsig.sigver import codec
 from questsig.sigver import core as sigver
+from questsig.sigver.codec import Content, Message
 from questsig.sigver.core import (
-    ERR_BLOCKING_MEMBER, ERR_HEARTBEAT, ERR_KEY, ERR_MESSAGE, Content, Heartbeat, Message,
-    Signaling,
+    ERR_BLOCKING_MEMBER, ERR_HEARTBEAT, ERR_KEY, ERR_MESSAGE, Heartbeat, Signaling,
 )
 
-PROTO = Path(sigver.__file__).resolve().parent / "sigver.proto"
+PROTO = Path(codec.__file__).resolve().parent / "sigver.proto"
+#: the heartbeat of a mount with the mode's default settings
+DEFAULT_HEARTBEAT = Heartbeat.from_settings(defaults(sigver_mode.SETTINGS))
 
 
-class FakeLink:
-    """A connection as the core sees it: records frames and the close."""
+class FakeLink(FakePeer):
+    """A sigver connection as the core sees it: binary frames only, none after the close."""
 
     def __init__(self) -> None:
-        self.frames: list[bytes] = []
-        self.close_code: int | None = None
-        self.close_reason = ""
-
-    def send(self, payload: bytes, binary: bool = False) -> None:
-        assert binary, "sigver sends binary frames only"
-        assert self.close_code is None, "sent after close"
-        self.frames.append(payload)
-
-    def close(self, code: int, reason: str = "") -> None:
-        self.close_code, self.close_reason = code, reason
+        super().__init__(strict=True, binary_only=True)
 
     def take(self) -> list[Any]:
         """The frames received since the last call, decoded."""
-        frames, self.frames = self.frames, []
-        return [Message.FromString(f) for f in frames]
+        return [Message.FromString(f) for f in super().take()]
 
 
 def msg(**fields: Any) -> bytes:
@@ -57,9 +54,9 @@ def content(routing_id: int = 0, data: bytes | None = None, **flags: bool) -> by
 class World:
     """A Signaling core with a Clock and helpers to connect fake peers."""
 
-    def __init__(self, heartbeat: Heartbeat = Heartbeat(5.0, 3)) -> None:
+    def __init__(self, heartbeat: Heartbeat = DEFAULT_HEARTBEAT, groups: Any = None) -> None:
         self.clock = Clock()
-        self.core = Signaling(self.clock)
+        self.core = Signaling(self.clock, groups=groups)
         self.heartbeat = heartbeat
 
     def connect(self, key: str = "k1") -> tuple[FakeLink, Any]:
@@ -92,7 +89,7 @@ def the_content(link: FakeLink) -> Any:
 
 
 def compile_spec_proto(out: Path) -> Any:
-    """questsig/sigver.proto compiled by the official compiler (protoc, from grpcio-tools) into
+    """questsig/sigver/sigver.proto compiled by the official compiler (protoc, from grpcio-tools) into
     Python classes of the official protobuf runtime."""
     if "sigver_pb2" in sys.modules:
         return sys.modules["sigver_pb2"]
@@ -114,12 +111,12 @@ def spec_pb2(tmp_path_factory: pytest.TempPathFactory) -> Any:
 
 def test_server_frames_have_the_spec_bytes(spec_pb2: Any) -> None:
     """20: isFirst true/false and heartbeat encode exactly as the compiled .proto encodes them."""
-    assert sigver.IS_FIRST == bytes.fromhex("1001") == spec_pb2.Message(isFirst=True).SerializeToString()
-    assert sigver.NOT_FIRST == bytes.fromhex("1000") == spec_pb2.Message(isFirst=False).SerializeToString()
-    assert sigver.HEARTBEAT == spec_pb2.Message(heartbeat=True).SerializeToString()
-    assert sigver.content_frame(7, b"offer") == spec_pb2.Message(
+    assert codec.IS_FIRST == bytes.fromhex("1001") == spec_pb2.Message(isFirst=True).SerializeToString()
+    assert codec.NOT_FIRST == bytes.fromhex("1000") == spec_pb2.Message(isFirst=False).SerializeToString()
+    assert codec.HEARTBEAT == spec_pb2.Message(heartbeat=True).SerializeToString()
+    assert codec.content_frame(7, b"offer") == spec_pb2.Message(
         content=spec_pb2.Content(id=7, data=b"offer")).SerializeToString()
-    assert sigver.content_frame(0, b"x") == spec_pb2.Message(
+    assert codec.content_frame(0, b"x") == spec_pb2.Message(
         content=spec_pb2.Content(data=b"x")).SerializeToString()
 
 
@@ -138,9 +135,9 @@ def test_codec_round_trips_with_compiled_proto(spec_pb2: Any, fields: dict[str, 
         return module.Message(**f)
 
     theirs = build(spec_pb2).SerializeToString()
-    ours = build(sigver).SerializeToString()
+    ours = build(codec).SerializeToString()
     assert ours == theirs
-    decoded = sigver.decode(theirs)
+    decoded = codec.decode(theirs)
     back = spec_pb2.Message.FromString(decoded.SerializeToString())
     assert back == build(spec_pb2)
     assert decoded.WhichOneof("type") == back.WhichOneof("type")
@@ -148,33 +145,33 @@ def test_codec_round_trips_with_compiled_proto(spec_pb2: Any, fields: dict[str, 
 
 def test_end_frames_read_as_no_data_by_the_compiled_proto(spec_pb2: Any) -> None:
     """19/20: the isEnd/isError frames decode with the README's Content as content without data."""
-    for kind in (sigver.Ending.END, sigver.Ending.ERROR):
-        frame = sigver.end_frame(0, kind)
+    for kind in (codec.Ending.END, codec.Ending.ERROR):
+        frame = codec.end_frame(0, kind)
         m = spec_pb2.Message.FromString(frame)
         assert m.WhichOneof("type") == "content"
         assert m.content.id == 0 and m.content.data == b""
-        ours = sigver.decode(frame)
-        assert sigver.ending(ours.content) is kind
-    assert sigver.end_frame(0, sigver.Ending.END) == bytes.fromhex("0a022001")
-    assert sigver.end_frame(0, sigver.Ending.ERROR) == bytes.fromhex("0a021801")
+        ours = codec.decode(frame)
+        assert codec.ending(ours.content) is kind
+    assert codec.end_frame(0, codec.Ending.END) == bytes.fromhex("0a022001")
+    assert codec.end_frame(0, codec.Ending.ERROR) == bytes.fromhex("0a021801")
 
 
 def test_readme_end_and_sigver18_ends_are_recognised(spec_pb2: Any) -> None:
     """19: a README content without data is an end; sigver 18's isEnd/isError are ends too."""
     readme_end = spec_pb2.Message(content=spec_pb2.Content(id=3)).SerializeToString()
-    assert sigver.ending(sigver.decode(readme_end).content) is sigver.Ending.END
+    assert codec.ending(codec.decode(readme_end).content) is codec.Ending.END
     explicit_empty = bytes.fromhex("0a04080312" "00")
-    assert sigver.ending(sigver.decode(explicit_empty).content) is sigver.Ending.END
-    assert sigver.ending(sigver.decode(content(3, isEnd=True)).content) is sigver.Ending.END
-    assert sigver.ending(sigver.decode(content(3, isError=True)).content) is sigver.Ending.ERROR
-    assert sigver.ending(sigver.decode(content(3, b"d")).content) is sigver.Ending.DATA
+    assert codec.ending(codec.decode(explicit_empty).content) is codec.Ending.END
+    assert codec.ending(codec.decode(content(3, isEnd=True)).content) is codec.Ending.END
+    assert codec.ending(codec.decode(content(3, isError=True)).content) is codec.Ending.ERROR
+    assert codec.ending(codec.decode(content(3, b"d")).content) is codec.Ending.DATA
 
 
 def test_codec_accepts_exactly_what_the_compiled_proto_accepts(spec_pb2: Any) -> None:
     """20: on random and mutated frames the codec fails exactly when the compiled .proto fails."""
     rng = random.Random(4)
-    seeds = [sigver.IS_FIRST, sigver.content_frame(77, b"payload"), sigver.HEARTBEAT,
-             sigver.end_frame(3, sigver.Ending.END)]
+    seeds = [codec.IS_FIRST, codec.content_frame(77, b"payload"), codec.HEARTBEAT,
+             codec.end_frame(3, codec.Ending.END)]
     samples = [bytes(rng.randrange(256) for _ in range(rng.randrange(1, 12))) for _ in range(800)]
     for _ in range(800):
         frame = bytearray(rng.choice(seeds))
@@ -187,7 +184,7 @@ def test_codec_accepts_exactly_what_the_compiled_proto_accepts(spec_pb2: Any) ->
             except DecodeError:
                 return True
             return False
-        assert fails(sigver.decode) == fails(spec_pb2.Message.FromString), sample.hex()
+        assert fails(codec.decode) == fails(spec_pb2.Message.FromString), sample.hex()
 
 
 # -- group lifecycle -----------------------------------------------------------------------------
@@ -197,10 +194,10 @@ def test_first_peer_is_first_and_second_is_not() -> None:
     """1/2: the first peer of a key gets exactly 10 01, the second 10 00."""
     w = World()
     first, _ = w.connect()
-    assert first.frames == [bytes.fromhex("1001")]
+    assert first.sent == [bytes.fromhex("1001")]
     second, _ = w.connect()
-    assert second.frames == [bytes.fromhex("1000")]
-    assert first.frames == [bytes.fromhex("1001")]
+    assert second.sent == [bytes.fromhex("1000")]
+    assert first.sent == [bytes.fromhex("1001")]
 
 
 def test_joiner_and_member_exchange_contents() -> None:
@@ -220,7 +217,7 @@ def test_joiner_and_member_exchange_contents() -> None:
 
 
 def _peer_of(w: World, link: FakeLink) -> Any:
-    for group in w.core.groups.values():
+    for group in w.core.groups.members.values():
         for member in group:
             if member.link is link:
                 return member
@@ -254,7 +251,7 @@ def test_unknown_id_from_member_is_dropped() -> None:
     w.core.receive(member, content(j_id + 1 if j_id < sigver.MAX_ROUTING_ID else 2, b"x"))
     w.core.receive(member, content(0, b"x"))
     assert j_link.take() == [] and m_link.take() == []
-    assert m_link.close_code is None
+    assert m_link.closed is None
 
 
 def test_content_from_unbound_peer_is_dropped() -> None:
@@ -263,7 +260,7 @@ def test_content_from_unbound_peer_is_dropped() -> None:
     m_link, member = w.connect()
     m_link.take()
     w.core.receive(member, content(0, b"x"))
-    assert m_link.take() == [] and m_link.close_code is None
+    assert m_link.take() == [] and m_link.closed is None
 
 
 def test_stable_makes_a_member_that_newcomers_can_be_bound_to() -> None:
@@ -274,7 +271,7 @@ def test_stable_makes_a_member_that_newcomers_can_be_bound_to() -> None:
     j_link, joiner, _ = w.joiner_of(first_link)
     w.core.receive(joiner, msg(stable=True))
     assert j_link.take() == [] and first_link.take() == []
-    assert list(w.core.groups["k1"]) == [first, joiner]
+    assert list(w.core.groups.members["k1"]) == [first, joiner]
     third_link, third = w.connect()
     assert [m.isFirst for m in third_link.take()] == [False]
     assert third.binding.member is first
@@ -304,10 +301,10 @@ def test_stable_after_group_vanished_starts_a_new_group() -> None:
     m_link, member = w.connect()
     j_link, joiner = w.connect()
     w.core.leave(member)
-    assert "k1" not in w.core.groups
+    assert "k1" not in w.core.groups.members
     j_link.take()
     w.core.receive(joiner, msg(stable=True))
-    assert list(w.core.groups["k1"]) == [joiner]
+    assert list(w.core.groups.members["k1"]) == [joiner]
     assert j_link.take() == []
     n_link, _ = w.connect()
     assert [m.isFirst for m in n_link.take()] == [False]
@@ -319,7 +316,7 @@ def test_stable_from_member_is_ignored() -> None:
     link, peer = w.connect()
     link.take()
     w.core.receive(peer, msg(stable=True))
-    assert list(w.core.groups["k1"]) == [peer] and link.take() == []
+    assert list(w.core.groups.members["k1"]) == [peer] and link.take() == []
 
 
 def test_try_another_rebinds_silently_with_a_new_id() -> None:
@@ -352,7 +349,7 @@ def test_try_another_when_all_tried_starts_over_from_the_first() -> None:
     w.core.receive(joiner, msg(tryAnother=True))
     assert joiner.binding.member is a
     assert list(joiner.tried) == [a]
-    assert a_link.close_code is None and b_link.close_code is None
+    assert a_link.closed is None and b_link.closed is None
 
 
 def test_try_another_with_only_a_tried_member_replaces_it() -> None:
@@ -364,8 +361,8 @@ def test_try_another_with_only_a_tried_member_replaces_it() -> None:
     j_link, joiner, _ = w.joiner_of(m_link)
     w.core.receive(joiner, msg(tryAnother=True))
     assert j_link.take() == [Message(isFirst=True)]
-    assert m_link.close_code == ERR_BLOCKING_MEMBER
-    assert list(w.core.groups["k1"]) == [joiner]
+    assert m_link.closed[0] == ERR_BLOCKING_MEMBER
+    assert list(w.core.groups.members["k1"]) == [joiner]
     # the blocking member's other joiner loses its contact
     end = the_content(other_link)
     assert end.id == 0 and end.isError
@@ -394,8 +391,8 @@ def test_try_another_from_a_member_is_ignored() -> None:
     link, peer = w.connect()
     link.take()
     w.core.receive(peer, msg(tryAnother=True))
-    assert link.take() == [] and link.close_code is None
-    assert list(w.core.groups["k1"]) == [peer]
+    assert link.take() == [] and link.closed is None
+    assert list(w.core.groups.members["k1"]) == [peer]
 
 
 def test_member_closing_sends_is_error_to_its_joiners() -> None:
@@ -508,7 +505,7 @@ def test_last_member_leaving_deletes_the_group() -> None:
     b_link, b = w.member()
     w.core.leave(a)
     w.core.leave(b)
-    assert w.core.groups == {}
+    assert w.core.groups.members == {}
     c_link, _ = w.connect()
     assert c_link.take() == [Message(isFirst=True)]
 
@@ -534,8 +531,8 @@ def test_bad_keys_close_4001_and_create_nothing(key: str, problem: str) -> None:
     w = World()
     link, peer = w.connect(key)
     assert peer is None
-    assert (link.close_code, link.close_reason) == (ERR_KEY, problem)
-    assert link.frames == [] and w.core.groups == {}
+    assert link.closed == (ERR_KEY, problem)
+    assert link.sent == [] and w.core.groups.members == {}
     assert w.clock.getDelayedCalls() == []
 
 
@@ -562,9 +559,9 @@ def test_garbage_closes_4003(garbage: bytes) -> None:
     m_link.take()
     j_link, joiner, _ = w.joiner_of(m_link)
     w.core.receive(joiner, garbage)
-    assert j_link.close_code == ERR_MESSAGE
-    assert j_link.close_reason.startswith("ERR_MESSAGE: not a valid Message")
-    assert m_link.close_code is None
+    assert j_link.closed[0] == ERR_MESSAGE
+    assert j_link.closed[1].startswith("ERR_MESSAGE: not a valid Message")
+    assert m_link.closed is None
     # the sender is gone at once: its member was told
     assert the_content(m_link).isError
 
@@ -577,7 +574,7 @@ def test_empty_frames_are_ignored(frame: bytes) -> None:
     link, peer = w.connect()
     link.take()
     w.core.receive(peer, frame)
-    assert link.take() == [] and link.close_code is None
+    assert link.take() == [] and link.closed is None
 
 
 def test_is_first_from_a_peer_closes_4003() -> None:
@@ -585,8 +582,8 @@ def test_is_first_from_a_peer_closes_4003() -> None:
     w = World()
     link, peer = w.connect()
     w.core.receive(peer, msg(isFirst=True))
-    assert link.close_code == ERR_MESSAGE and "isFirst" in link.close_reason
-    assert w.core.groups == {}
+    assert link.closed[0] == ERR_MESSAGE and "isFirst" in link.closed[1]
+    assert w.core.groups.members == {}
 
 
 # -- heartbeats ----------------------------------------------------------------------------------
@@ -603,10 +600,10 @@ def test_heartbeat_every_interval_and_close_after_misses() -> None:
     assert link.take() == [Message(heartbeat=True)]
     w.clock.advance(5)
     assert link.take() == [Message(heartbeat=True)]
-    assert link.close_code is None
+    assert link.closed is None
     w.clock.advance(5)
-    assert link.take() == [] and link.close_code == ERR_HEARTBEAT
-    assert w.core.groups == {} and w.clock.getDelayedCalls() == []
+    assert link.take() == [] and link.closed[0] == ERR_HEARTBEAT
+    assert w.core.groups.members == {} and w.clock.getDelayedCalls() == []
 
 
 def test_answered_heartbeats_keep_the_peer() -> None:
@@ -617,7 +614,7 @@ def test_answered_heartbeats_keep_the_peer() -> None:
         w.clock.advance(5)
         assert Message(heartbeat=True) in link.take()
         w.core.receive(peer, msg(heartbeat=True))
-    assert link.close_code is None
+    assert link.closed is None
 
 
 def test_heartbeat_settings_apply() -> None:
@@ -625,7 +622,7 @@ def test_heartbeat_settings_apply() -> None:
     w = World(Heartbeat(1.0, 1))
     link, _ = w.connect()
     w.clock.advance(1)
-    assert link.close_code == ERR_HEARTBEAT
+    assert link.closed[0] == ERR_HEARTBEAT
     w = World(Heartbeat(0, 3))
     link, _ = w.connect()
     assert w.clock.getDelayedCalls() == []
@@ -652,7 +649,7 @@ def test_routing_ids_are_unique_and_released(monkeypatch: pytest.MonkeyPatch) ->
     _, b = w.connect()
     assert (a.routing_id, b.routing_id) == (2, 3)
     w.core.leave(a)
-    assert w.core.routing_ids == {3}
+    assert w.core.groups.routing_ids == {3}
 
 
 def test_routing_ids_are_in_range() -> None:
@@ -679,3 +676,133 @@ def test_logs_carry_ids_never_keys_or_bodies() -> None:
     text = "\n".join(formatEvent(e) for e in events)
     assert "bound to member" in text and "left" in text
     assert "secret" not in text and "secret" not in repr(events)
+
+
+# -- groups that answer later ----------------------------------------------------------------------
+
+
+def later_groups() -> LaterStore:
+    """Groups that decide at once (as a shared store does) but answer only when the test
+    releases them, in the order they were asked: a stand-in for a store across the network."""
+    return LaterStore(sigver.LocalGroups(), ("enter", "add", "remove", "bind", "unbind"))
+
+
+def sigver_script(monkeypatch: pytest.MonkeyPatch,
+                  groups: LaterStore | None) -> dict[str, list[Any]]:
+    """Peers connect, send and leave; ``answer`` steps let later groups answer. What each
+    peer received, with routing ids drawn in a fixed order."""
+    draws = iter(range(1000))
+    monkeypatch.setattr(sigver.secrets, "randbelow", lambda n: next(draws))
+    w = World(groups=groups)
+    links: dict[str, FakeLink] = {}
+    peers: dict[str, Any] = {}
+    got: dict[str, list[Any]] = {}
+
+    def answer() -> None:
+        if groups is not None:
+            groups.later.release()
+
+    def step(name: str, frame: bytes) -> None:
+        w.core.receive(peers[name], frame)
+
+    def connect(name: str) -> None:
+        links[name], peers[name] = w.connect()
+        got[name] = links[name].frames
+
+    connect("m")
+    answer()
+    connect("j")
+    step("j", content(data=b"offer"))
+    answer()
+    # the member learns the joiner's id from the offer, as Netflux does
+    j_id = Message.FromString(links["m"].sent[-1]).content.id
+    step("m", content(j_id, b"answer"))
+    step("j", msg(stable=True))
+    step("j", content(data=b"late candidate"))
+    answer()
+    connect("k")
+    step("k", msg(tryAnother=True))
+    step("k", content(data=b"to the second member"))
+    step("k", msg(heartbeat=True))
+    answer()
+    connect("n")
+    step("n", content(data=b"before leaving"))
+    w.core.leave(peers["n"])
+    answer()
+    return {name: [Message.FromString(f) for f, _ in frames] for name, frames in got.items()}
+
+
+def test_later_groups_hold_a_peers_frames_behind_its_group_operations(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Seam: with groups that answer later, a peer's frames and leave wait behind its join,
+    tryAnother and stable, so every peer receives exactly what in-process groups give it."""
+    groups = later_groups()
+    later = sigver_script(monkeypatch, groups)
+    now = sigver_script(monkeypatch, None)
+    # n left before its join was answered: nothing is sent on a connection that is over
+    assert later.pop("n") == [] and now.pop("n") == [Message(isFirst=False)]
+    assert later == now
+    ids = [m.content.id for m in later["m"] if m.WhichOneof("type") == "content"]
+    assert [m.content.data for m in later["m"]] == [
+        b"", b"offer", b"late candidate", b"before leaving", b""]
+    assert later["m"][-1].content.isError and ids[-1] == ids[-2] != ids[0]
+    assert [m.isFirst for m in later["k"]] == [False, False]
+    assert later["j"][-1].content.data == b"to the second member"
+    assert len(groups.inner.members["k1"]) == 2 and not groups.later.pending
+
+
+def test_later_groups_keep_each_senders_order() -> None:
+    """Seam: ten joiners sending at once while the groups answer in bursts: each one's
+    contents reach the member in order under its own id, and replies come back in order."""
+    rng = random.Random(22)
+    groups = later_groups()
+    w = World(groups=groups)
+    m_link, member = w.connect()
+    groups.later.release()
+    assert m_link.take() == [Message(isFirst=True)]
+    joiners = [w.connect() for _ in range(10)]
+    for n in range(20):
+        for number, (link, peer) in enumerate(joiners):
+            w.core.receive(peer, content(data=f"{number}:{n}".encode()))
+        groups.later.release(rng.randrange(3))
+    groups.later.release()
+    by_id: dict[int, list[bytes]] = {}
+    for m in m_link.take():
+        by_id.setdefault(m.content.id, []).append(m.content.data)
+    assert sorted(by_id.values()) == sorted(
+        [f"{number}:{n}".encode() for n in range(20)] for number in range(10))
+    for routing_id, data in by_id.items():
+        for n in range(20):
+            w.core.receive(member, content(routing_id, data[n] + b" back"))
+    for link, peer in joiners:
+        replies = [m.content.data for m in link.take() if m.WhichOneof("type") == "content"]
+        assert replies == [d + b" back" for d in by_id[peer.routing_id]]
+
+
+def test_later_groups_take_out_a_peer_expelled_while_waiting() -> None:
+    """Seam: a peer closed (missed heartbeats) while the groups still answer its join is
+    taken out of the group once the answer comes."""
+    groups = later_groups()
+    w = World(Heartbeat(1.0, 1), groups)
+    link, peer = w.connect()
+    assert groups.inner.members == {"k1": {peer: None}}
+    w.clock.advance(1)
+    assert link.closed[0] == ERR_HEARTBEAT and link.sent == []
+    groups.later.release()
+    assert groups.inner.members == {} and link.sent == []
+    assert groups.inner.routing_ids == set()
+    other, _ = w.connect()
+    groups.later.release()
+    assert other.take() == [Message(isFirst=True)]
+
+
+def test_failing_groups_close_the_peer_1011() -> None:
+    """Seam: a join the groups cannot answer closes that peer with 1011 and sends nothing."""
+    class Failing(sigver.LocalGroups):
+        def enter(self, key: str, peer: Any) -> defer.Deferred:
+            return defer.fail(RuntimeError("store down"))
+
+    w = World(groups=Failing())
+    link, peer = w.connect()
+    assert (link.closed[0], link.sent) == (1011, []) and peer.gone
+    assert w.clock.getDelayedCalls() == []

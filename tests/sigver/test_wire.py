@@ -485,7 +485,7 @@ async def test_default_prefix_and_keys_with_slashes(serve: Any, pb: Any) -> None
     try:
         member = await clients.first("/sigver/room/a")
         joiner, _ = await clients.joiner(member, "/sigver/room/a")
-        other = await clients.first("/sigver/room")
+        await clients.first("/sigver/room")
         empty = await clients.connect("/sigver/")
         code, _ = await closed_with(empty.ws)
         assert code == ERR_KEY

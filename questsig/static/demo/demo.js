@@ -10,6 +10,7 @@ const DEFAULT_MOUNTS = [
   { mode: "router", path: "/router" },
   { mode: "sigver", path: "/sigver" },
   { mode: "fledger", path: "/fledger" },
+  { mode: "peerjs", path: "/peerjs" },
 ];
 
 const MODES = {
@@ -197,6 +198,14 @@ async function start() {
     }
   } catch {
     // served without questsig's mount table: assume the default prefixes
+  }
+  const peerjs = mounts.find((m) => m.mode === "peerjs");
+  if (peerjs) {
+    // users bring the peerjs library; the mount is its `path` option
+    const port = location.port || (location.protocol === "https:" ? "443" : "80");
+    setText("peerjs-snippet",
+      `new Peer(id, {host: "${location.hostname}", port: ${port}, path: "${peerjs.path}"})`);
+    $("peerjs-hint").hidden = false;
   }
   for (const { mode, path } of mounts) {
     if (!MODES[mode] || [...$("mode").options].some((o) => o.value === mode)) continue;
