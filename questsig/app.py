@@ -39,6 +39,7 @@ MODULES: dict[str, str] = {
     "router": "questsig.router",
     "sigver": "questsig.sigver",
     "fledger": "questsig.fledger",
+    "peerjs": "questsig.peerjs",
 }
 
 
@@ -51,6 +52,8 @@ class Context:
     #: every open WebSocket of this server (a ``questsig.websocket.ConnectionSet``)
     connections: Any = None
     log_requests: bool = False
+    #: the :class:`questsig.cluster.Cluster` this process is a node of; None when it serves alone
+    cluster: Any = None
 
 
 @dataclass(frozen=True)

@@ -18,10 +18,12 @@ replaces the mounts of every listener. In keys, ``-`` and ``_`` are interchangea
 """
 from __future__ import annotations
 
+import re
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping
+from urllib.parse import urlsplit
 
 from questsig import app, settings
 from questsig.app import Mount
@@ -38,6 +40,13 @@ GLOBALS: tuple[Setting, ...] = (
             "raise the soft open-file limit to this many (0: up to the hard limit)"),
     Setting("client", True, MODE, settings.boolean,
             "serve the JavaScript client at /client.js and the demo page at /demo/ on every listener"),
+    Setting("redis", "", MODE, lambda v: redis_url(settings.text(v)),
+            "Redis URL (redis://[:password@]host:port/db, rediss:// for TLS, unix:///path): run as "
+            "one node of a cluster sharing this Redis; empty: state stays in this process"),
+    Setting("node-id", "", MODE, lambda v: node_id(settings.text(v)),
+            "this process's id in the cluster, unique per process (default: generated, logged at start)"),
+    Setting("node-timeout", 15.0, MODE, lambda v: node_timeout(settings.seconds(v)),
+            "seconds without presence after which a node counts as dead and its state is released"),
 )
 
 
@@ -56,6 +65,10 @@ class Config:
     log_requests: bool = False
     max_open_files: int = 0
     client: bool = True
+    #: the cluster's Redis URL; empty when this process serves alone
+    redis: str = ""
+    node_id: str = ""
+    node_timeout: float = 15.0
     source: str = "defaults"
     extra: Mapping[str, Any] = field(default_factory=dict)
 
@@ -67,6 +80,42 @@ class Config:
                 if mount.mode not in seen:
                     seen.append(mount.mode)
         return seen
+
+
+REDIS_SCHEMES = ("redis", "rediss", "unix")
+NODE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+
+
+def redis_url(value: str) -> str:
+    """A Redis URL (``redis://``, ``rediss://`` for TLS, ``unix://``), or empty (no cluster)."""
+    if not value:
+        return value
+    try:
+        parts = urlsplit(value)
+        parts.port  # a bad port raises only when read
+    except ValueError as e:
+        raise ValueError(f"not a Redis URL: {e}") from None
+    if parts.scheme not in REDIS_SCHEMES:
+        raise ValueError("must be a redis://, rediss:// or unix:// URL")
+    if parts.scheme == "unix" and not parts.path:
+        raise ValueError("a unix:// URL needs a socket path")
+    if parts.scheme != "unix" and not parts.hostname:
+        raise ValueError(f"a {parts.scheme}:// URL needs a host")
+    return value
+
+
+def node_id(value: str) -> str:
+    """A node id, or empty (generated at start)."""
+    if value and not NODE_ID.fullmatch(value):
+        raise ValueError("letters, digits, '.', '_' and '-', at most 64, starting with a "
+                         "letter or digit")
+    return value
+
+
+def node_timeout(value: float) -> float:
+    if value < 1:
+        raise ValueError("must be at least 1 second")
+    return value
 
 
 def normalise_path(path: str) -> str:
@@ -236,5 +285,8 @@ def load(*, config_file: str | None = None, endpoints: Iterable[str] = (),
         log_requests=top["log-requests"],
         max_open_files=top["max-open-files"],
         client=top["client"],
+        redis=top["redis"],
+        node_id=top["node-id"],
+        node_timeout=top["node-timeout"],
         source=source,
     )

@@ -9,6 +9,7 @@ from twisted.logger import Logger
 from twisted.python import usage
 
 from questsig import __version__, app, client, config
+from questsig.cluster import Cluster
 from questsig.config import Config
 from questsig.app import Context
 from questsig.listeners import (ListenerService, describe_port, parse_endpoints,
@@ -34,6 +35,8 @@ class Options(usage.Options):
         ["state-dir", None, None, "Directory for SQLite files and other state (default: .)."],
         ["push-vapid-key", None, None, "hub: PEM file with the VAPID P-256 private key (turns Web Push on)."],
         ["push-vapid-subject", None, None, "hub: VAPID 'sub' claim, a mailto: or https: URI."],
+        ["node-id", None, None, "This process's id in the cluster (default: generated, logged at start)."],
+        ["node-timeout", None, None, "Seconds without presence after which a cluster node counts as dead (default: 15)."],
     ]
     optFlags = [
         ["push-allow-private", None, "hub: allow push endpoints on private or loopback addresses over http (testing)."],
@@ -45,6 +48,7 @@ class Options(usage.Options):
         self["endpoints"] = []
         self["mounts"] = []
         self["sets"] = []
+        self["redis"] = None
 
     def opt_endpoint(self, value: str) -> None:
         """Twisted server endpoint string, repeatable (default tcp:8000), e.g.
@@ -61,6 +65,15 @@ class Options(usage.Options):
         """MODE.KEY=VALUE, repeatable: a mode setting (e.g. hub.dialect=2.0.2); wins over the file."""
         self["sets"].append(value)
 
+    def opt_redis(self, value: str) -> None:
+        """Redis URL (redis://, rediss:// for TLS, password in the URL): run as one node of a
+        cluster sharing this Redis (needs Twisted's asyncio reactor, installed here)."""
+        self["redis"] = value
+        try:
+            use_asyncio_reactor()
+        except ConfigError as e:
+            raise SystemExit(f"questsig: {e}") from None
+
     def opt_version(self) -> None:
         """Print the questsig version and exit."""
         print(f"questsig {__version__}")
@@ -73,6 +86,12 @@ class Options(usage.Options):
             top["state-dir"] = self["state-dir"]
         if self["log-requests"]:
             top["log-requests"] = True
+        if self["redis"]:
+            top["redis"] = self["redis"]
+        if self["node-id"]:
+            top["node-id"] = self["node-id"]
+        if self["node-timeout"]:
+            top["node-timeout"] = config.parse_cli_value(self["node-timeout"])
         if self["push-vapid-key"]:
             hub["push-vapid-key"] = self["push-vapid-key"]
         if self["push-vapid-subject"]:
@@ -86,11 +105,29 @@ class Options(usage.Options):
             self.config = config.load(config_file=self["config"], endpoints=self["endpoints"],
                                       mounts=self["mounts"], sets=self["sets"],
                                       overrides=self.overrides())
+            if self.config.redis:
+                use_asyncio_reactor()  # before parsing endpoints, which imports the reactor
             self.endpoints = parse_endpoints(self.config)
         except ConfigError as e:
             # twistd answers a UsageError with the whole --help text, which buries the one line
             # that matters; SystemExit prints just that line and exits with status 1
             raise SystemExit(f"questsig: {e}") from None
+
+
+def use_asyncio_reactor() -> None:
+    """The cluster's Redis client runs on asyncio: install Twisted's asyncio reactor, unless
+    another reactor is already installed."""
+    import sys
+
+    if "twisted.internet.reactor" not in sys.modules:
+        from twisted.internet import asyncioreactor
+
+        asyncioreactor.install()
+        return
+    from twisted.internet import reactor
+
+    if not hasattr(reactor, "_asyncioEventloop"):
+        raise ConfigError("redis needs Twisted's asyncio reactor; run twistd -r asyncio questsig ...")
 
 
 # usage.Options shows an option's docstring as it is written, indentation included
@@ -111,8 +148,15 @@ class QuestsigService(service.MultiService):
         self.reactor = reactor
         self.connections = ConnectionSet()
         self.connections.log_requests = cfg.log_requests
+        self.cluster: Cluster | None = None
+        if cfg.redis:
+            # started before the modes and stopped after them, so they may use it throughout
+            self.cluster = Cluster(cfg.redis, reactor, node_id=cfg.node_id,
+                                   node_timeout=cfg.node_timeout)
+            self.cluster.setServiceParent(self)
         self.context = Context(state_dir=cfg.state_dir, reactor=reactor,
-                               connections=self.connections, log_requests=cfg.log_requests)
+                               connections=self.connections, log_requests=cfg.log_requests,
+                               cluster=self.cluster)
         self.modes: dict[str, app.ModeService] = {}
         self.listeners: list[ListenerService] = []
         for name in cfg.mounted_modes:
@@ -153,6 +197,8 @@ class QuestsigService(service.MultiService):
         yield self.connections.close_all(self.reactor)
         yield defer.DeferredList([defer.maybeDeferred(m.stopService)
                                   for m in reversed(list(self.modes.values())) if m.running])
+        if self.cluster is not None and self.cluster.running:
+            yield self.cluster.stopService()
         log.info("questsig stopped")
 
 

@@ -183,6 +183,7 @@ class Connection(WebSocketServerProtocol):
     request: RequestInfo | None = None
     _buffer_watch: _SendBufferWatch | None = None
     _detached = False
+    _reading_paused = False
 
     def connectionMade(self) -> None:
         self.log = _AUTOBAHN_LOG_VERBOSE if self.factory.connections.log_requests else _AUTOBAHN_LOG
@@ -265,6 +266,30 @@ class Connection(WebSocketServerProtocol):
     def closed(self) -> None:
         """Called once when the connection starts to close or is gone, whatever the cause
         (also for one that never finished its handshake): detach from the core."""
+
+    def pause_reading_until(self, done: defer.Deferred[Any] | None) -> None:
+        """Read nothing more from this client until ``done`` fires (None: nothing to wait
+        for). For a core that holds the client's frames behind work that waits (on Redis, on
+        another node): without the pause a client could queue unbounded work behind it. If
+        ``done`` fails, the core has logged it and dropped the connection: reading stays off."""
+        if done is None or self._reading_paused:
+            return
+        self._reading_paused = True
+        self._reading(False)
+        done.addCallbacks(self._caught_up, self._gave_up)
+
+    def _caught_up(self, _: Any) -> None:
+        self._reading_paused = False
+        self._reading(True)
+
+    def _gave_up(self, _: Any) -> None:
+        self._reading_paused = False
+
+    def _reading(self, on: bool) -> None:
+        transport = self.transport
+        switch = getattr(transport, "resumeProducing" if on else "pauseProducing", None)
+        if switch is not None and transport.connected:
+            switch()
 
     # -- the peer interface cores use ---------------------------------------------------------
 

@@ -113,6 +113,11 @@ class Server:
     def mode(self, name: str) -> Any:
         return self.service.modes[name]
 
+    @property
+    def cluster(self) -> Any:
+        """The server's :class:`questsig.cluster.Cluster`, or None when it serves alone."""
+        return self.service.cluster
+
     def call(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         """``fn(*args, **kwargs)``: the server shares the test's thread, so this is a plain
         call; it marks where a test reaches into the server's state."""
@@ -146,7 +151,10 @@ class Server:
 @pytest.fixture
 def serve(tmp_path: Path) -> Iterator[Callable[..., Server]]:
     """``serve(mounts=[...], sets=[...], document={...}, listeners=N)`` starts a server on
-    127.0.0.1 with its state in the test's tmp dir; it is stopped after the test."""
+    127.0.0.1 with its state in the test's tmp dir; it is stopped after the test.
+    ``serve(..., redis=url, node_id="a")`` makes it a node of the cluster sharing that Redis
+    (the same as ``overrides={"": {"redis": url, "node-id": "a"}}``); several nodes may run
+    in one test."""
     from twisted.internet import reactor  # installed by pytest-twisted, after conftest loads
 
     started: list[Server] = []
@@ -154,13 +162,18 @@ def serve(tmp_path: Path) -> Iterator[Callable[..., Server]]:
     def start(*, mounts: list[str] | None = None, sets: list[str] | None = None,
               document: dict[str, Any] | None = None, listeners: int = 1,
               endpoints: list[str] | None = None,
-              overrides: dict[str, dict[str, Any]] | None = None) -> Server:
+              overrides: dict[str, dict[str, Any]] | None = None,
+              redis: str | None = None, node_id: str | None = None,
+              node_timeout: float | None = None) -> Server:
         doc = dict(document or {})
         eps = endpoints if endpoints is not None else (
             [] if "listener" in doc else [LOCAL] * listeners)
         over = {"": {"state-dir": str(tmp_path)}}
         for k, v in (overrides or {}).items():
             over.setdefault(k, {}).update(v)
+        for key, value in (("redis", redis), ("node-id", node_id), ("node-timeout", node_timeout)):
+            if value is not None:
+                over[""][key] = value
         cfg = config.load(document=doc, endpoints=eps, mounts=mounts or [], sets=sets or [],
                           overrides=over)
         service = QuestsigService(cfg, reactor)
@@ -173,6 +186,17 @@ def serve(tmp_path: Path) -> Iterator[Callable[..., Server]]:
     yield start
     for server in started:
         pytest_twisted.blockon(server.stop())
+
+
+@pytest.fixture
+def redis_server(tmp_path: Path) -> Iterator[Any]:
+    """A real ``redis-server`` on a free loopback port (``.url``; ``stop()``, ``start()``,
+    ``kill()``), data in the test's tmp dir; stopped after the test."""
+    from cluster import RedisServer
+
+    server = RedisServer(tmp_path / "redis").start()
+    yield server
+    server.kill()
 
 
 def twistd_path() -> str:

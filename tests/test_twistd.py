@@ -30,7 +30,8 @@ def test_help_documents_options(tmp_path) -> None:
     out = subprocess.run([twistd_path(), "questsig", "--help"], cwd=tmp_path,
                          capture_output=True, text=True, timeout=60).stdout
     for option in ("--config", "--endpoint", "--mount", "--set", "--state-dir",
-                   "--push-vapid-key", "--push-vapid-subject", "--push-allow-private"):
+                   "--push-vapid-key", "--push-vapid-subject", "--push-allow-private",
+                   "--redis", "--node-id", "--node-timeout"):
         assert option in out
 
 

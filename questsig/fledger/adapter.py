@@ -9,6 +9,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from questsig.app import Context, ModeService, Mount
+from questsig.fledger.cluster import RedisNodeList
 from questsig.fledger.core import MAX_EXPIRY_CHECK, Fledger, Node
 from questsig.websocket import Connection, WebSocketResource, broadcast, limits, make_factory
 
@@ -68,8 +69,14 @@ class FledgerService(ModeService):
     def __init__(self, settings: Mapping[str, Any], context: Context):
         super().__init__(settings, context)
         reactor = context.reactor
+        node_list = None
+        if context.cluster is not None:
+            # the rules exist only once the list does: a node that loses its ID to an Announce
+            # on another server is handed to them when that happens
+            node_list = RedisNodeList(context.cluster, reactor,
+                                      lambda node: self.fledger.taken_over(node), fanout=broadcast)
         self.fledger = Fledger(
-            settings, log_ids=context.log_requests, fanout=broadcast,
+            settings, node_list, log_ids=context.log_requests, fanout=broadcast,
             check=lambda job: deferToThreadPool(reactor, reactor.getThreadPool(), job.check))
         timer = TimerService(min(MAX_EXPIRY_CHECK, settings["node-ttl"] / 4), self.expire)
         timer.clock = context.reactor

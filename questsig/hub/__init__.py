@@ -1,7 +1,9 @@
 """Mode ``hub``: rustysignal-compatible signaling, with Web Push to offline users.
 
 The face of the mode: its name, default prefix, settings and service. The rules and the wire
-protocol are in :mod:`questsig.hub.core`, the Autobahn glue in :mod:`questsig.hub.adapter`.
+protocol are in :mod:`questsig.hub.core`, the Autobahn glue in :mod:`questsig.hub.adapter`;
+with a cluster (``redis``), the name table and the push subscriptions live in Redis
+(:mod:`questsig.hub.cluster`, docs/cluster.md).
 """
 from __future__ import annotations
 
@@ -43,7 +45,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("push-when", "offline", MODE, choice("offline", "always"),
             "push only to offline targets, or always"),
     Setting("push-store", "hub-push.sqlite3", MODE, text,
-            "SQLite file for subscriptions (relative to state-dir); ':memory:' = not durable"),
+            "SQLite file for subscriptions (relative to state-dir); ':memory:' = not durable; "
+            "with a cluster (redis) subscriptions live in Redis instead"),
     Setting("push-ttl", 3600, MODE, count, "TTL header, seconds"),
     Setting("push-timeout", 4.0, MODE, seconds, "push request timeout, seconds"),
     Setting("push-min-interval", 5.0, MODE, seconds,

@@ -1,4 +1,5 @@
-"""The hub's Autobahn adapter and service. Rules live in :mod:`questsig.hub.core`."""
+"""The hub's Autobahn adapter and service. Rules live in :mod:`questsig.hub.core`; with a
+cluster (``--redis``) the name table is :class:`questsig.hub.cluster.RedisNameTable`."""
 from __future__ import annotations
 
 from typing import Any, Mapping
@@ -20,8 +21,12 @@ class HubConnection(Connection):
         self.client = self.factory.hub.join(self, self.request.raw_target, self.factory.listener)
 
     def onMessage(self, payload: bytes, isBinary: bool) -> None:
-        if self.client is not None:
-            self.factory.hub.receive(self.client, payload)
+        client = self.client
+        if client is None:
+            return
+        self.factory.hub.receive(client, payload)
+        # a message waits on another node (a cluster): read no more until it is handled
+        self.pause_reading_until(client.arrivals.drained())
 
     def closed(self) -> None:
         if self.client is not None:
@@ -32,8 +37,15 @@ class HubConnection(Connection):
 class HubService(ModeService):
     def __init__(self, settings: Mapping[str, Any], context: Context):
         super().__init__(settings, context)
+        table = None
+        cluster = context.cluster
+        if cluster is not None:
+            from questsig.hub.cluster import RedisNameTable
+
+            table = RedisNameTable(cluster, context.reactor, fanout=broadcast)
+            table.setServiceParent(self)
         self.hub = Hub(max_connections=settings["max-connections"],
-                       log_names=context.log_requests, fanout=broadcast)
+                       log_names=context.log_requests, fanout=broadcast, table=table)
         self.push = None
         if settings.get("push-vapid-key") or settings.get("push-vapid-subject"):
             from questsig.hub.push import make_push_service

@@ -1,4 +1,5 @@
-"""The pair-relay's Autobahn adapter and service. Rules live in :mod:`questsig.relay.core`.
+"""The pair-relay's Autobahn adapter and service. Rules live in :mod:`questsig.relay.core`; in
+a cluster (``--redis``) each mount's waiting rooms are :mod:`questsig.relay.cluster`'s.
 
 Everything upstream answered before the upgrade (404 for bad paths and methods, 400 with the
 reason in the status line for bad handshake headers) is answered here, before Autobahn sees
@@ -31,8 +32,11 @@ class RelayConnection(Connection):
         self.client = self.factory.relay.join(self, room)
 
     def onMessage(self, payload: bytes, isBinary: bool) -> None:
-        if self.client is not None:
-            self.factory.relay.receive(self.client, payload, isBinary)
+        client = self.client
+        if client is not None:
+            self.factory.relay.receive(client, payload, isBinary)
+            # frames held behind a join that waits on Redis: read no more until handled
+            self.pause_reading_until(client.arrivals.drained())
 
     def closed(self) -> None:
         client, self.client = self.client, None
@@ -48,6 +52,12 @@ class RelayService(ModeService):
         super().__init__(settings, context)
         #: one pairing state per mount, in the order the mounts were built
         self.relays: list[tuple[Mount, PairRelay]] = []
+        #: with a cluster (``--redis``), each mount's waiting rooms are shared through Redis
+        self.cluster: Any = None
+        if context.cluster is not None:
+            from questsig.relay.cluster import RelayCluster
+
+            self.cluster = RelayCluster(context.cluster, context.reactor)
 
     def relay(self, path: str, endpoint: str | None = None) -> PairRelay:
         """The state of the mount at ``path`` (on ``endpoint``, if several listeners mount it)."""
@@ -58,7 +68,14 @@ class RelayService(ModeService):
 
     def resource(self, mount: Mount) -> WebSocketResource:
         s = mount.settings
-        relay = PairRelay.from_settings(s, log_ids=self.context.log_requests)
+        rooms = None
+        if self.cluster is not None:
+            # nodes share the waiting rooms of a path; a path mounted twice here stays apart
+            twice = sum(1 for other, _ in self.relays if other.path == mount.path)
+            rooms = self.cluster.mount(mount.path + (f"#{twice}" if twice else ""))
+        relay = PairRelay.from_settings(s, log_ids=self.context.log_requests, rooms=rooms)
+        if rooms is not None:
+            rooms.relay = relay
         self.relays.append((mount, relay))
         factory = make_factory(
             RelayConnection, self.context.connections,

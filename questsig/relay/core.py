@@ -170,6 +170,12 @@ class PairRelay:
         client.gone = True
         client.arrivals.run(self._event, self._leave, client, quietly)
 
+    def rejoin(self, client: RelayClient) -> None:
+        """``client`` waits, but shared waiting rooms lost its place (their store restarted,
+        or a node that took the place died): it joins again, pairing or waiting anew."""
+        if client.waiting and not client.left and not client.arrivals.held:
+            self._event(self._enqueue, client)
+
     def receive(self, client: RelayClient, payload: bytes, binary: bool) -> None:
         """One complete message from ``client``."""
         if not client.gone:

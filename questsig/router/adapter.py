@@ -16,9 +16,10 @@ from twisted.logger import Logger
 
 from questsig.app import Context, ModeService, Mount
 from questsig.router.core import (
-    REMOVED_REASON, SEND_BUFFER_OVERFLOW_REASON, KeyHashing, LocalRegistrations, Member,
+    REMOVED_REASON, SEND_BUFFER_OVERFLOW_REASON, KeyHashing, LocalRegistrations, Member, Members,
     Registration, Registrations, Router, RouterRules,
 )
+from questsig.router.cluster import RouterCluster
 from questsig.router.http import RouterResource
 from questsig.router.store import SqliteRegistrations, StoreError
 from questsig.websocket import Connection, broadcast, limits, make_factory
@@ -73,11 +74,15 @@ class RouterConnection(Connection):
 
 class RouterService(ModeService):
     """Every router mount of the process. Mounts naming the same store file share one
-    :class:`Router` (the same registrations on a plain and a TLS listener, say)."""
+    :class:`Router` (the same registrations on a plain and a TLS listener, say). With a
+    cluster, ``store_path`` names a registration set shared with the other nodes through
+    Redis (:mod:`questsig.router.cluster`), whatever ``store`` says."""
 
     def __init__(self, settings: Mapping[str, Any], context: Context):
         super().__init__(settings, context)
         self.routers: dict[str, tuple[Router, Registrations]] = {}
+        #: the registration sets shared with other nodes (with ``redis`` set)
+        self.shared: list[RouterCluster] = []
         reactor = context.reactor
         # Hashing is CPU-bound and scrypt releases the GIL: one thread per core, and its own
         # pool, so that a flood of /register calls cannot starve other users of the reactor's.
@@ -86,7 +91,11 @@ class RouterService(ModeService):
 
     def router_for(self, settings: Mapping[str, Any]) -> Router:
         path = Path(self.context.state_dir) / settings["store_path"]
-        where = f"{settings['store']}:{path.resolve()}"
+        cluster = self.context.cluster
+        # with a cluster, store_path names the registration set the nodes share, as the file
+        # names it here
+        where = (f"cluster:{settings['store_path']}" if cluster is not None
+                 else f"{settings['store']}:{path.resolve()}")
         rules = RouterRules.from_settings(settings)
         if where in self.routers:
             router = self.routers[where][0]
@@ -95,12 +104,20 @@ class RouterService(ModeService):
                          "the first mount's apply", store=where)
             return router
         store: Registrations
-        if settings["store"] == "sqlite":
+        members: Members | None = None
+        shared = None
+        if cluster is not None:
+            shared = RouterCluster(cluster, settings["store_path"], broadcast)
+            store, members = shared.registrations, shared.members
+        elif settings["store"] == "sqlite":
             store = SqliteRegistrations(path, self.context.reactor)
         else:
             store = LocalRegistrations()
         router = Router(rules, store, self.context.reactor, self.keys,
-                        log_ids=self.context.log_requests, fanout=broadcast)
+                        log_ids=self.context.log_requests, fanout=broadcast, members=members)
+        if shared is not None:
+            shared.attach(router)
+            self.shared.append(shared)
         self.routers[where] = (router, store)
         return router
 
@@ -128,5 +145,6 @@ class RouterService(ModeService):
         yield defer.maybeDeferred(super().stopService)
         for router, _ in self.routers.values():
             router.stop()
+        yield defer.DeferredList([shared.close() for shared in self.shared])
         yield defer.DeferredList([store.close() for _, store in self.routers.values()])
         yield self.key_threads.stop()

@@ -47,7 +47,8 @@ again (renewed elsewhere: the timer is armed anew from the stored time), and the
 the ``registered_at`` the node saw. A shared implementation must compare and delete in one
 step (a renewal and an expiry on two nodes never both succeed), report every removal to every
 other node's listener, and never answer a lookup asked after a delete of this node with the
-deleted record.
+deleted record. Sockets or timers lost with a dead node are handed to a survivor's rules with
+:meth:`Router.take_over`, which arms what a leave there would have armed.
 """
 from __future__ import annotations
 
@@ -740,6 +741,24 @@ class Router:
         if not shutting_down:
             d.addCallback(lambda _: self._arm_expiry(registration))
         background(d, "router: counting a socket out")
+
+    def take_over(self, reg_id: str) -> None:
+        """Arm the expiry of ``reg_id`` here, as a leave would: its last sockets, or the node
+        whose timer would have ended it, went away without a leave on any living node."""
+        background(self._take_over(reg_id), "router: taking over a registration")
+
+    @defer.inlineCallbacks
+    def _take_over(self, reg_id: str) -> Any:
+        registration = yield self._lookup(reg_id)
+        if registration is None:
+            return
+        # as stored now: first used or renewed on the other nodes, which decides the timer
+        record = yield self.store.get(reg_id)
+        if (record is not None and record.key_salt == registration.record.key_salt
+                and self._current(registration)):
+            registration.record = replace(
+                record, connected=record.connected or registration.record.connected)
+            self._arm_expiry(registration)
 
     # -- relay ----------------------------------------------------------------------
 

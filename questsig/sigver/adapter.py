@@ -1,4 +1,5 @@
-"""The sigver Autobahn adapter and service. Rules live in :mod:`questsig.sigver.core`.
+"""The sigver Autobahn adapter and service. Rules live in :mod:`questsig.sigver.core`; in a
+cluster (``--redis``) the groups are :mod:`questsig.sigver.cluster`'s.
 
 A connection's first frames are held for ``first-frame-delay`` seconds after the handshake.
 Netflux 3.0.0 in Node (with ws standing in for the abandoned uws) installs its message handler
@@ -51,9 +52,12 @@ class SigverConnection(Connection):
 
     def onMessage(self, payload: bytes, isBinary: bool) -> None:
         # text frames are not part of the protocol; sigver 18 ignored them
-        if not isBinary or self.sigver_peer is None:
+        peer = self.sigver_peer
+        if not isBinary or peer is None:
             return
-        self.factory.signaling.receive(self.sigver_peer, payload)
+        self.factory.signaling.receive(peer, payload)
+        # frames held behind a join that waits on Redis: read no more until handled
+        self.pause_reading_until(peer.arrivals.drained())
 
     def closed(self) -> None:
         if self._release_call is not None and self._release_call.active():
@@ -69,7 +73,15 @@ class SigverService(ModeService):
 
     def __init__(self, settings: Mapping[str, Any], context: Context):
         super().__init__(settings, context)
-        self.signaling = Signaling(context.reactor, log_ids=context.log_requests)
+        groups = None
+        if context.cluster is not None:
+            # with a cluster (``--redis``), a group spans every node
+            from questsig.sigver.cluster import RedisGroups
+
+            groups = RedisGroups(context.cluster)
+        self.signaling = Signaling(context.reactor, log_ids=context.log_requests, groups=groups)
+        if groups is not None:
+            groups.signaling = self.signaling
 
     def resource(self, mount: Mount) -> WebSocketResource:
         s = mount.settings

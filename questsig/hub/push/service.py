@@ -7,7 +7,9 @@ What the hub asks of it (:class:`questsig.hub.core.PushSink`)::
                                                push-min-interval allow and target subscribed
 
 ``online`` is the hub's name table's answer, so with a table shared by several nodes a target
-connected to another node counts as online too.
+connected to another node counts as online too. A request is decided on the sender's node only;
+with a cluster, subscriptions live in Redis (every node sees them) and push-min-interval holds
+cluster-wide (the store's ``pace``), so a target gets one push, not one per node.
 
 Threads: SQLite runs on one dedicated thread, pushes on at most :data:`MAX_IN_FLIGHT` more, with
 at most :data:`MAX_QUEUED` waiting; the reactor only validates and decides. Logs name the push
@@ -33,7 +35,7 @@ from questsig.hub.push.checks import InvalidSubscription, Subscription, parse_su
 from questsig.hub.push.crypto import (PushRequest, Vapid, build_request, check_subject,
                                       connection_request_payload, load_vapid_key)
 from questsig.hub.push.delivery import failure_kind, post
-from questsig.hub.push.store import SubscriptionStore, store_path
+from questsig.hub.push.store import RedisSubscriptionStore, SubscriptionStore, store_path
 from questsig.settings import ConfigError
 from questsig.workers import Workers
 
@@ -44,6 +46,8 @@ MAX_QUEUED = 1000
 #: how often expired subscriptions are deleted, seconds
 EXPIRY_INTERVAL = 3600.0
 DAY = 86400.0
+#: a look-up's answer when another node pushed to the target inside push-min-interval
+PACED: Any = object()
 
 
 def validate(settings: Mapping[str, Any], state_dir: Path) -> Vapid | None:
@@ -150,7 +154,7 @@ class PushService(Service):
             self._dropped("dropped-queue", "a request: too many waiting for the store")
             return
         self.lookups += 1
-        d = self._in_store(self.store.get, target, self._oldest_valid())
+        d = self._in_store(self._look_up, target, self._oldest_valid())
         d.addCallback(self._subscription_found, sender, target)
 
     # internals
@@ -176,10 +180,13 @@ class PushService(Service):
     def _paced(self, target: str) -> bool:
         last = self.last_push.get(target)
         if last is not None and self.clock.seconds() - last < self.settings.min_interval:
-            self._dropped("dropped-interval", "a request{to} inside push-min-interval",
-                          to=f" to {target!r}" if self.log_names else "")
+            self._dropped_paced(target)
             return True
         return False
+
+    def _dropped_paced(self, target: str) -> None:
+        self._dropped("dropped-interval", "a request{to} inside push-min-interval",
+                      to=f" to {target!r}" if self.log_names else "")
 
     def _in_store(self, fn: Callable[..., Any], *args: Any) -> defer.Deferred[Any]:
         """Run ``fn`` on the store thread; failures are logged and give None."""
@@ -214,8 +221,19 @@ class PushService(Service):
 
         self._in_store(put_newest).addCallback(never_ran)
 
+    def _look_up(self, target: str, not_before: float) -> Any:
+        """On the store thread: ``target``'s subscription, or :data:`PACED` if a push to it
+        went out inside push-min-interval from another node sharing the store."""
+        stored = self.store.get(target, not_before)
+        if stored is not None and not self.store.pace(target, self.settings.min_interval):
+            return PACED
+        return stored
+
     def _subscription_found(self, stored: str | None, sender: str, target: str) -> None:
         self.lookups -= 1
+        if stored is PACED:
+            self._dropped_paced(target)
+            return
         if stored is None or not self.running:
             self._count("no-subscription")
             return
@@ -336,9 +354,11 @@ def make_push_service(settings: Mapping[str, Any], context: Context) -> PushServ
     vapid = validate(settings, context.state_dir)
     if vapid is None:
         raise ConfigError("hub: Web Push needs push-vapid-key and push-vapid-subject")
+    cluster = context.cluster
+    store: Any = (SubscriptionStore(store_path(settings, context.state_dir)) if cluster is None
+                  else RedisSubscriptionStore(cluster, context.reactor))
     return PushService(
-        PushSettings.from_settings(settings), vapid,
-        SubscriptionStore(store_path(settings, context.state_dir)), context.reactor,
+        PushSettings.from_settings(settings), vapid, store, context.reactor,
         Workers(context.reactor, "questsig-push-store", 1),
         Workers(context.reactor, "questsig-push-send", MAX_IN_FLIGHT),
         log_names=context.log_requests)
