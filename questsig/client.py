@@ -4,7 +4,8 @@
 ``PairRelayClient``, ``RouterClient``, ``SigverClient``, ``FledgerClient``) and ``PeerLink``,
 which opens an RTCDataChannel over any of them. ``/demo/`` lets two browser tabs do that through
 a chosen mode and shows the signaling frames as they pass; ``/demo/mounts.json`` tells it where
-this listener mounts each mode. Every listener serves these unless the top-level config key
+this listener mounts each mode, and where it serves TURN credentials (an entry with mode
+``turn``) when the ``[turn]`` table is configured. Every listener serves these unless the top-level config key
 ``client`` is false. The files are read once, when the listeners are built.
 """
 from __future__ import annotations

@@ -11,10 +11,14 @@ Redis implementation (``questsig/<mode>/cluster.py``) sees Redis only through :c
 - ``on_node_down``: presence. Each node refreshes ``questsig:alive:<node>`` (TTL node_timeout)
   every node_timeout/3 and is a member of ``questsig:nodes``; a survivor that finds a member
   without its alive key takes ``questsig:reap:<node>`` and runs the handlers once for it;
-- ``on_availability``: Redis lost (a failed command, a broken subscription) and back. While it is
-  down, ``call`` fails at once with :class:`ClusterUnavailable` and messages are dropped; the
-  node reconnects by itself with a bounded backoff, subscribes again, re-registers its presence
-  and then tells the handlers, which re-publish what this node holds.
+- ``on_availability``: Redis lost (a failed command, a broken subscription, or a command the
+  node needs refused, e.g. by an ACL) and back. While it is down, ``call`` fails at once with
+  :class:`ClusterUnavailable` and messages are dropped; every connection from before is closed
+  (one kept over a Redis restart would fail at its next use), and the node reconnects by itself
+  with a bounded backoff, subscribes again, re-registers its presence and then tells the
+  handlers, which re-publish what this node holds.
+- ``release_node_script`` and ``Requests``: what the modes' Redis implementations share (the
+  script that frees a dead node's holdings, and requests to another node that want an answer).
 
 Channels: ``questsig:to:<node>`` (one per node) and ``questsig:all``. A message is
 ``<sender>\\n<topic>\\n<payload>``.
@@ -23,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import json
 import os
 import re
 import secrets
@@ -122,10 +127,12 @@ PLACES = """
 
 
 class Requests:
-    """Messages to other nodes that want an answer: each carries a sequence number, and the
-    answer that comes back with it fires the request's Deferred. A node that lets a request go
-    unanswered for ``timeout`` counts as silent for ``node_timeout`` (or until it is heard
-    from): requests to it are not made meanwhile, so no sender waits on it again."""
+    """Messages on one topic between nodes, some of which want a yes or no from the node they
+    go to. A message is ``<JSON array: kind, fields...>\n<body>``; a request carries a
+    sequence number as its first field, and the answer ``["r", seq, 0|1]`` fires the request's
+    Deferred. A node that lets a request go unanswered for ``timeout`` counts as silent for
+    ``node_timeout`` (or until it is heard from): requests to it are not made meanwhile, so no
+    sender waits on it again."""
 
     def __init__(self, cluster: Any, clock: Any, topic: str, timeout: float):
         self.cluster = cluster
@@ -138,17 +145,36 @@ class Requests:
         #: node -> until when it counts as not answering
         self.silent: dict[str, float] = {}
 
-    def ask(self, node: str, request: Callable[[int], bytes]) -> Deferred:
-        """Send ``request(seq)`` to ``node``; fires with its answer, None without one in time,
-        or False at once when the node is silent."""
+    @staticmethod
+    def message(kind: str, *fields: Any, body: bytes = b"") -> bytes:
+        return json.dumps((kind, *fields), separators=(",", ":")).encode("ascii") + b"\n" + body
+
+    def ask(self, node: str, kind: str, *fields: Any, body: bytes = b"") -> Deferred:
+        """Send a ``kind`` request to ``node``; fires with its answer (True or False), None
+        without one in time, or False at once when the node is silent."""
         if self.is_silent(node):
             return succeed(False)
         seq = next(self._seq)
         answer: Deferred = Deferred()
         timer = self.clock.callLater(self.timeout, self._unanswered, seq, node)
         self.waiting[seq] = (answer, timer)
-        self.cluster.send(node, self.topic, request(seq))
+        self.cluster.send(node, self.topic, self.message(kind, seq, *fields, body=body))
         return answer
+
+    def answer(self, node: str, seq: int, yes: bool) -> None:
+        self.cluster.send(node, self.topic, self.message("r", seq, int(yes)))
+
+    def received(self, sender: str, payload: bytes) -> tuple[str, list[Any], bytes] | None:
+        """A message from ``sender``: an answer is handled here (None); anything else is the
+        mode's, as its kind, fields and body."""
+        self.forget(sender)
+        head, _, body = payload.partition(b"\n")
+        kind, *fields = json.loads(head)
+        if kind == "r":
+            seq, yes = fields
+            self.answered(seq, bool(yes))
+            return None
+        return kind, fields, body
 
     def is_silent(self, node: str) -> bool:
         until = self.silent.get(node)

@@ -11,6 +11,8 @@ File layout (every key is documented in ``etc/questsig.toml``)::
     path = "/"
     mode = "hub"
     dialect = "2.0.2"                   # listener-scope settings for this mount only
+    [turn]                              # TURN credentials on every listener (questsig.turn);
+    secret-file = "/etc/questsig/turn.secret"   # --set turn.KEY=VALUE sets its keys
 
 Precedence, lowest first: built-in defaults, the mode table, the mount table, the command line.
 When the command line names ``--endpoint``, it replaces the file's listeners; ``--mount``
@@ -25,8 +27,9 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping
 from urllib.parse import urlsplit
 
-from questsig import app, settings
+from questsig import app, auth, settings, turn
 from questsig.app import Mount
+from questsig.client import CLIENT_PATH, DEMO_PATH
 from questsig.settings import LISTENER, MODE, ConfigError, Setting, normalise_key
 
 DEFAULT_ENDPOINT = "tcp:8000"
@@ -71,6 +74,8 @@ class Config:
     node_timeout: float = 15.0
     source: str = "defaults"
     extra: Mapping[str, Any] = field(default_factory=dict)
+    #: the ``[turn]`` table: TURN credentials served on every listener; None when off
+    turn: turn.TurnConfig | None = None
 
     @property
     def mounted_modes(self) -> list[str]:
@@ -197,9 +202,11 @@ def load(*, config_file: str | None = None, endpoints: Iterable[str] = (),
     top_declared = _declared(GLOBALS)
     top: dict[str, Any] = {s.name: s.default for s in GLOBALS}
     mode_tables = {name: doc.pop(name) for name in list(doc) if name in app.MODULES}
+    doc_turn = doc.pop("turn", {})
     listener_tables = doc.pop("listener", [])
     _apply(top, top_declared, doc, "config", (MODE,))
     _apply(top, top_declared, cli.pop("", {}), "command line", (MODE,))
+    turn_config = _turn(doc_turn, cli.pop("turn", {}))
 
     # per-mode settings: declared defaults <- mode table <- (later) mount table <- command line
     for name in cli:
@@ -266,11 +273,20 @@ def load(*, config_file: str | None = None, endpoints: Iterable[str] = (),
                    {k: v for k, v in cli.get(name, {}).items()
                     if declared[name][normalise_key(k)].scope == LISTENER},
                    "command line", (LISTENER,))
+            # access key files are read now, so a bad one fails the start and not a client
+            problem = auth.settings_problem(settings)
+            if problem is not None:
+                raise ConfigError(f"{where} mount {path}: {problem}")
             for other in built:
                 if other.path == path:
                     raise ConfigError(f"{where} ({endpoint}): two modes on path {path}: "
                                       f"{other.mode} and {name}")
             built.append(Mount(path=path, mode=name, settings=settings, endpoint=endpoint))
+        if turn_config is not None:
+            served = [(m.path, f"mode {m.mode}") for m in built]
+            if top["client"]:
+                served += [(CLIENT_PATH, "the client module"), (DEMO_PATH, "the demo page")]
+            turn.check_paths(turn_config, f"{where} ({endpoint})", served)
         listeners.append(Listener(endpoint=endpoint, mounts=tuple(built)))
 
     for name in list(mode_tables) + list(cli):
@@ -289,4 +305,18 @@ def load(*, config_file: str | None = None, endpoints: Iterable[str] = (),
         node_id=top["node-id"],
         node_timeout=top["node-timeout"],
         source=source,
+        turn=turn_config,
     )
+
+
+def _turn(table: Any, cli: Mapping[str, Any]) -> turn.TurnConfig | None:
+    """The top-level ``[turn]`` table with the command line over it."""
+    if not isinstance(table, dict):
+        raise ConfigError("config: [turn] must be a table")
+    resolved = {s.name: s.default for s in turn.SETTINGS}
+    declared = _declared(turn.SETTINGS)
+    # the access keys are declared per mount for the modes; here they hold for the one table
+    _apply(resolved, declared, table, "[turn]", (MODE, LISTENER))
+    _apply(resolved, declared, cli, "command line", (MODE, LISTENER))
+    given = {declared[normalise_key(k)].name for k in list(table) + list(cli)}
+    return turn.configure(resolved, given)

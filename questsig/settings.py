@@ -144,3 +144,29 @@ def websocket_limits(*, max_message_size: int, ping_interval: float, ping_timeou
                 "if set, browsers may connect only from these origins (others get 403); "
                 "clients that send no Origin are not refused"),
     )
+
+
+# -- access tokens, the same keys in every mode (questsig.auth, docs/auth.md) ----------------------
+
+#: the one spelling of each access key
+AUTH = "auth"
+AUTH_SECRET_FILE = "auth-secret-file"
+AUTH_PUBLIC_KEYS = "auth-public-keys"
+AUTH_AUDIENCE = "auth-audience"
+
+
+def access_settings() -> tuple[Setting, ...]:
+    """The listener-scope access keys, declared once for every mode. The key files are read
+    and checked at start-up (:func:`questsig.auth.settings_problem`), not here."""
+    return (
+        Setting(AUTH, "off", LISTENER, choice("off", "token"),
+                "'token': clients must present a signed access token (docs/auth.md); "
+                "'off': anyone may connect"),
+        Setting(AUTH_SECRET_FILE, None, LISTENER, optional_text,
+                "file holding the HS256 secret (its content without the trailing newline, "
+                "at least 32 bytes)"),
+        Setting(AUTH_PUBLIC_KEYS, None, LISTENER, optional_text,
+                "PEM or JWKS file with the Ed25519 (EdDSA) or P-256 (ES256) public keys"),
+        Setting(AUTH_AUDIENCE, None, LISTENER, optional_text,
+                "if set, tokens must carry this aud claim"),
+    )

@@ -8,7 +8,7 @@ from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.python import usage
 
-from questsig import __version__, app, client, config
+from questsig import __version__, app, client, config, turn
 from questsig.cluster import Cluster
 from questsig.config import Config
 from questsig.app import Context
@@ -37,6 +37,7 @@ class Options(usage.Options):
         ["push-vapid-subject", None, None, "hub: VAPID 'sub' claim, a mailto: or https: URI."],
         ["node-id", None, None, "This process's id in the cluster (default: generated, logged at start)."],
         ["node-timeout", None, None, "Seconds without presence after which a cluster node counts as dead (default: 15)."],
+        ["turn-secret-file", None, None, "File with the secret shared with the TURN server (turns TURN credentials on)."],
     ]
     optFlags = [
         ["push-allow-private", None, "hub: allow push endpoints on private or loopback addresses over http (testing)."],
@@ -49,6 +50,7 @@ class Options(usage.Options):
         self["mounts"] = []
         self["sets"] = []
         self["redis"] = None
+        self["turn-urls"] = []
 
     def opt_endpoint(self, value: str) -> None:
         """Twisted server endpoint string, repeatable (default tcp:8000), e.g.
@@ -60,6 +62,11 @@ class Options(usage.Options):
         """PATH=MODE, repeatable: serve MODE below PATH on every endpoint (e.g. /=hub).
         Modes: hub, pair-relay, router, sigver, fledger."""
         self["mounts"].append(value)
+
+    def opt_turn_url(self, value: str) -> None:
+        """turn: or turns: URI of the TURN server, repeatable (e.g. turn:turn.example.org:3478);
+        replaces the [turn] urls of the config file."""
+        self["turn-urls"].append(value)
 
     def opt_set(self, value: str) -> None:
         """MODE.KEY=VALUE, repeatable: a mode setting (e.g. hub.dialect=2.0.2); wins over the file."""
@@ -98,7 +105,15 @@ class Options(usage.Options):
             hub["push-vapid-subject"] = self["push-vapid-subject"]
         if self["push-allow-private"]:
             hub["push-allow-private"] = True
-        return {"": top, "hub": hub} if hub else {"": top}
+        found = {"": top, "hub": hub} if hub else {"": top}
+        turn_table: dict[str, Any] = {}
+        if self["turn-secret-file"]:
+            turn_table["secret-file"] = self["turn-secret-file"]
+        if self["turn-urls"]:
+            turn_table["urls"] = list(self["turn-urls"])
+        if turn_table:
+            found["turn"] = turn_table
+        return found
 
     def postOptions(self) -> None:
         try:
@@ -165,6 +180,7 @@ class QuestsigService(service.MultiService):
             self.modes[name] = mode
         # the client's files are read once; every listener serves the same resources
         extra = client.mounts() if cfg.client else []
+        extra += turn.mounts(cfg.turn, reactor.seconds)
         for listener, endpoint in zip(cfg.listeners, parsed_endpoints):
             mounted = [(m, self.modes[m.mode].resource(m)) for m in listener.mounts] + extra
             site = build_site(mounted, log_requests=cfg.log_requests)
@@ -187,6 +203,9 @@ class QuestsigService(service.MultiService):
                      mounts=", ".join(f"{m.path}={m.mode}" for m in svc.mounts))
         for name in self.modes:
             log.info("mode {mode} ready", mode=name)
+        if self.config.turn is not None:
+            log.info("TURN credentials at {path} for {urls}", path=self.config.turn.path,
+                     urls=" ".join(self.config.turn.urls))
 
     @defer.inlineCallbacks
     def stopService(self) -> Any:

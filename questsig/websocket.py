@@ -37,7 +37,7 @@ from twisted.web.server import NOT_DONE_YET
 from zope.interface import implementer
 
 from questsig.app import Mount
-from questsig import settings
+from questsig import auth, settings
 from questsig.settings import DEFAULT_MAX_SEND_BUFFER, DEFAULT_OPEN_HANDSHAKE_TIMEOUT
 
 log = Logger()
@@ -465,12 +465,20 @@ class WebSocketResource(Resource):
     def __init__(self, factory: WebSocketServerFactory, mount: Mount,
                  admit: Callable[[Any], tuple[int, bytes] | tuple[int, bytes, bytes] | None]
                  | None = None,
-                 plain: Callable[[Any], bytes] | None = None):
+                 plain: Callable[[Any], bytes] | None = None,
+                 bind: Callable[[auth.Claims, Any], None] | None = None,
+                 token_parameter: bytes = auth.TOKEN_PARAMETER, check_access: bool = True):
         super().__init__()
         self.factory = factory
         self.mount = mount
         self._admit = admit
         self._plain = plain
+        #: the mount's access policy; None when its ``auth`` is off
+        self.access = auth.AccessPolicy.from_settings(mount.settings, token_parameter)
+        # ``bind`` refuses (auth.Refused) claims that do not cover what the request claims;
+        # a mode that checks access itself, earlier, turns the check here off
+        self._bind = bind
+        self._check_access = check_access
 
     def origin_refusal(self, request: Any) -> bytes | None:
         """The 403 answer (status and headers set) to a browser from an origin the mount's
@@ -486,6 +494,22 @@ class WebSocketResource(Resource):
                 return b"Origin not allowed\n"
         return None
 
+    def access_refusal(self, request: Any,
+                       bind: Callable[[auth.Claims, Any], None] | None = None) -> bytes | None:
+        """The 401 answer (status and headers set) to a request without a valid access token
+        for this mount, or whose claims ``bind`` (else the mount's) refuses; None when the
+        token is good or ``auth`` is off."""
+        if self.access is None:
+            return None
+        try:
+            claims = self.access.verify(request)
+            bind = bind or self._bind
+            if bind is not None:
+                bind(claims, request)
+        except auth.Refused as refused:
+            return auth.refuse(request, refused, f"{self.mount.mode} {self.mount.path}")
+        return None
+
     def render(self, request: Any) -> Any:
         if not is_upgrade(request) or request.channel.transport is None:
             if self._plain is not None:
@@ -495,6 +519,8 @@ class WebSocketResource(Resource):
             request.setHeader(b"content-type", b"text/plain; charset=utf-8")
             return b"This is a WebSocket endpoint.\n"
         refused = self.origin_refusal(request)
+        if refused is None and self._check_access:
+            refused = self.access_refusal(request)
         if refused is not None:
             return refused
         if self._admit is not None:

@@ -269,9 +269,7 @@ async def test_redis_outage_and_recovery(nodes, redis_server, cluster_log) -> No
 
 
 async def test_restart_leaves_no_connection_from_before(nodes, redis_server, cluster_log) -> None:
-    """After Redis restarts, commands and messages right after the recovery all go through:
-    no connection from before the outage is used again, so one restart is one outage and one
-    recovery, with no second outage."""
+    """After a Redis restart no connection from before is reused: one outage, one recovery."""
     a, b = nodes("a"), nodes("b")
     seen = {n.node_id: Events() for n in (a, b)}
     for n in (a, b):
@@ -327,10 +325,7 @@ async def limited_user(admin: Cluster, *rules: str) -> None:
 
 async def test_a_refused_command_is_one_line_and_the_node_joins_once_allowed(
         nodes, redis_server, cluster_log) -> None:
-    """A Redis user lacking a permission joining takes (SMEMBERS): the node logs one line
-    naming the command and Redis's error, counts Redis as unavailable (calls fail at once)
-    while it retries, joins by itself once the permission is granted, and stops at once when
-    told. Refused SUBSCRIBE later: the same."""
+    """A refused command (ACL) is one log line naming it; the node retries, joins once allowed."""
     admin = nodes("admin")
     await limited_user(admin, "-smembers")
     url = f"redis://questsig:secret@127.0.0.1:{redis_server.port}/0"
@@ -387,8 +382,7 @@ async def test_no_multi_exec_needed(nodes, redis_server, cluster_log) -> None:
 
 
 async def test_the_password_is_never_logged(nodes, redis_server, cluster_log) -> None:
-    """A password in the Redis URL is in no line the node logs: not at start, not when Redis
-    is lost, not when it is back."""
+    """The URL's password is in no line logged at start, on an outage or on the recovery."""
     # the default user has no password, so Redis takes any
     url = f"redis://:secret@127.0.0.1:{redis_server.port}/0"
     node = Cluster(url, nodes("a").reactor, node_id="p", node_timeout=TIMEOUT)
@@ -443,8 +437,7 @@ def test_twistd_redis_errors_are_one_line(tmp_path, args: list[str], expected: s
 
 async def test_twistd_with_a_refused_command_logs_once_and_stops(spawn_twistd, nodes,
                                                                  redis_server) -> None:
-    """twistd whose Redis user lacks a command joining takes serves on, says so in one line,
-    and stops on SIGTERM."""
+    """twistd with a Redis user lacking a command serves on, logs it once, stops on SIGTERM."""
     await limited_user(nodes("admin"), "-smembers")
     node = spawn_twistd("--endpoint", ANY_PORT, "--mount", "/=hub", "--node-timeout", str(TIMEOUT),
                         "--redis", f"redis://questsig:secret@127.0.0.1:{redis_server.port}/0")

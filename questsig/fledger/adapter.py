@@ -6,7 +6,6 @@ from typing import Any, Mapping
 from twisted.application.internet import TimerService
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
-from twisted.python.failure import Failure
 
 from questsig.app import Context, ModeService, Mount
 from questsig.fledger.cluster import RedisNodeList
@@ -23,7 +22,6 @@ class FledgerConnection(Connection):
     list."""
 
     node: Node | None = None
-    _waiting = False
 
     def opened(self) -> None:
         self.node = self.factory.fledger.connect(self, self.factory.dialect,
@@ -32,27 +30,8 @@ class FledgerConnection(Connection):
     def onMessage(self, payload: bytes, isBinary: bool) -> None:
         if isBinary or self.node is None:
             return  # binary frames are ignored and are not activity
-        idle = self.factory.fledger.handle(self.node, payload.decode("utf-8", "replace"),
-                                           self.factory.clock.seconds())
-        if idle is not None and not self._waiting:
-            self._waiting = True
-            self._reading(False)
-            idle.addCallbacks(self._caught_up, self._failed)
-
-    def _caught_up(self, _: None) -> None:
-        self._waiting = False
-        self._reading(True)
-
-    def _failed(self, failure: Failure) -> None:
-        """A bug while a frame waited: the core has logged it and dropped the connection, so
-        reading stays off."""
-        self._waiting = False
-
-    def _reading(self, on: bool) -> None:
-        transport = self.transport
-        switch = getattr(transport, "resumeProducing" if on else "pauseProducing", None)
-        if switch is not None and transport.connected:
-            switch()
+        self.pause_reading_until(self.factory.fledger.handle(
+            self.node, payload.decode("utf-8", "replace"), self.factory.clock.seconds()))
 
     def closed(self) -> None:
         if self.node is not None:

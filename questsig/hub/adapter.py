@@ -7,7 +7,8 @@ from typing import Any, Mapping
 from twisted.logger import Logger
 
 from questsig.app import Context, ModeService, Mount
-from questsig.hub.core import Client, Hub, HubListener
+from questsig.auth import Claims
+from questsig.hub.core import Client, Hub, HubListener, name_from_target
 from questsig.websocket import Connection, WebSocketResource, broadcast, limits, make_factory
 
 log = Logger()
@@ -59,10 +60,18 @@ class HubService(ModeService):
         factory = make_factory(
             HubConnection, self.context.connections,
             **limits(s), hub=self.hub, listener=HubListener.from_settings(s))
-        return WebSocketResource(factory, mount, admit=self._admit)
+        return WebSocketResource(factory, mount, admit=self._admit, bind=bind_user)
 
     def _admit(self, request: Any) -> tuple[int, bytes] | None:
         if self.hub.full:
             log.warn("hub: max-connections reached, refusing a connection")
             return 503, b"Too many connections\n"
         return None
+
+
+def bind_user(claims: Claims, request: Any) -> None:
+    """With access tokens on, the name a client registers is the token's ``sub``; a client
+    that registers none (anonymous) needs only a valid token."""
+    name = name_from_target(request.uri)
+    if name is not None:
+        claims.require("sub", name, "user")

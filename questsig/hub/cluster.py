@@ -25,7 +25,6 @@ another node claimed meanwhile wins (the local holder gets the taken text and is
 from __future__ import annotations
 
 import itertools
-import json
 from typing import Any, Callable
 
 from twisted.application.service import Service
@@ -111,10 +110,6 @@ return lost
 """
 
 
-def _head(*fields: Any) -> bytes:
-    return json.dumps(fields, separators=(",", ":")).encode("utf-8")
-
-
 def _text(value: Any) -> str:
     return value.decode("utf-8") if isinstance(value, bytes) else str(value)
 
@@ -193,7 +188,7 @@ class RedisNameTable(LocalNameTable, Service):
         return defer.ensureDeferred(self._forward(name, payload))
 
     def forward_all(self, payload: bytes) -> None:
-        self.cluster.broadcast(TOPIC, _head("a") + b"\n" + payload)
+        self.cluster.broadcast(TOPIC, Requests.message("a", body=payload))
 
     # -- claims ---------------------------------------------------------------------------
 
@@ -254,21 +249,19 @@ class RedisNameTable(LocalNameTable, Service):
 
     def _deliver(self, node: str, name: str, payload: bytes) -> defer.Deferred[bool | None]:
         """Send one one-to-one to ``node``; fires with its answer, or None without one."""
-        return self.requests.ask(node, lambda seq: _head("o", seq, name) + b"\n" + payload)
+        return self.requests.ask(node, "o", name, body=payload)
 
     def _received(self, sender: str, payload: bytes) -> None:
-        self.requests.forget(sender)
-        head, _, body = payload.partition(b"\n")
-        kind, *fields = json.loads(head)
+        message = self.requests.received(sender, payload)
+        if message is None:
+            return
+        kind, fields, body = message
         if kind == "o":
             seq, name = fields
             holder = self.names.get(name)
             if holder is not None:
                 holder.peer.send(body)
-            self.cluster.send(sender, TOPIC, _head("r", seq, int(holder is not None)))
-        elif kind == "r":
-            seq, delivered = fields
-            self.requests.answered(seq, bool(delivered))
+            self.requests.answer(sender, seq, holder is not None)
         elif kind == "a":
             self.fanout([client.peer for client in self.clients], body)
 

@@ -195,10 +195,6 @@ return out
 """
 
 
-def _head(*fields: Any) -> bytes:
-    return json.dumps(fields, separators=(",", ":")).encode("ascii")
-
-
 def _bytes(text: str) -> bytes:
     # ids and dsts come from JSON, which may carry lone surrogates
     return text.encode("utf-8", "surrogatepass")
@@ -309,7 +305,7 @@ class RedisRealm(Service):
         if outcome == "reattach":
             node, old = _text(answer[1]), int(answer[2])
             if node != self.cluster.node_id:
-                self.cluster.send(node, TOPIC, _head("m", client.id, old))
+                self.cluster.send(node, TOPIC, Requests.message("m", client.id, old))
                 return Claimed(REATTACH, client)
             # our own earlier connection, released here meanwhile: a new holder
         return Claimed(NEW, client)
@@ -476,12 +472,13 @@ class RedisRealm(Service):
 
     def _deliver(self, node: str, id: str, frame: bytes) -> defer.Deferred[bool | None]:
         """Send one frame for ``id`` to ``node``; fires with its answer, or None without one."""
-        return self.requests.ask(node, lambda seq: _head("f", seq, id) + b"\n" + frame)
+        return self.requests.ask(node, "f", id, body=frame)
 
     def _received(self, sender: str, payload: bytes) -> None:
-        self.requests.forget(sender)
-        head, _, body = payload.partition(b"\n")
-        kind, *fields = json.loads(head)
+        message = self.requests.received(sender, payload)
+        if message is None:
+            return
+        kind, fields, body = message
         if kind == "f":
             seq, id = fields
             pending = self.claiming.get(id)
@@ -492,9 +489,6 @@ class RedisRealm(Service):
                 turn.addCallback(lambda _: self._take_frame(sender, seq, id, body))
             else:
                 self._take_frame(sender, seq, id, body)
-        elif kind == "r":
-            seq, delivered = fields
-            self.requests.answered(seq, bool(delivered))
         elif kind == "m":
             id, conn = fields
             client = self.clients.get(id)
@@ -508,7 +502,7 @@ class RedisRealm(Service):
         holder = self.clients.get(id)
         if holder is not None:
             holder.deliver(frame)
-        self.cluster.send(sender, TOPIC, _head("r", seq, int(holder is not None)))
+        self.requests.answer(sender, seq, holder is not None)
 
     # -- failures -------------------------------------------------------------------------
 

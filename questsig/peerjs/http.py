@@ -30,7 +30,8 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 
 from questsig.app import Mount
-from questsig.peerjs.core import PeerServer, Unavailable
+from questsig.auth import Claims
+from questsig.peerjs.core import PeerServer, Unavailable, parse_query
 from questsig.peerjs.jsjson import stringify
 from questsig.websocket import WebSocketResource
 
@@ -42,6 +43,8 @@ JSON = b"application/json; charset=utf-8"
 HTML = b"text/html; charset=utf-8"
 TEXT = b"text/plain; charset=utf-8"
 SOCKET_PATH = b"/peerjs"
+#: the access token's query parameter: PeerJS's own ``token`` is the client's reattach secret
+ACCESS_TOKEN_PARAMETER = b"access_token"
 PREFLIGHT_METHODS = b"GET,HEAD,PUT,PATCH,POST,DELETE"
 
 _WS_KEY = re.compile(rb"[+/0-9A-Za-z]{22}==")
@@ -126,7 +129,8 @@ class PeerJSResource(Resource):
     def __init__(self, server: PeerServer, mount: Mount, factory: Any, allow_discovery: bool):
         super().__init__()
         self.server = server
-        self.upgrade = WebSocketResource(factory, mount)
+        self.upgrade = WebSocketResource(factory, mount, bind=bind_id,
+                                         token_parameter=ACCESS_TOKEN_PARAMETER)
         self.allow_discovery = allow_discovery
 
     def render(self, request: Any) -> Any:
@@ -182,3 +186,10 @@ class PeerJSResource(Resource):
         log.failure("peerjs: listing the ids failed", failure)
         request.write(_reply(request, 500, TEXT, b"Internal Server Error"))
         request.finish()
+
+
+def bind_id(claims: Claims, request: Any) -> None:
+    """With access tokens on, the id a client may hold is the token's ``sub``."""
+    id = parse_query(request.uri.partition(b"?")[2].partition(b"#")[0]).get("id")
+    if id:
+        claims.require("sub", id, "id")

@@ -9,7 +9,8 @@ from typing import Any, Mapping
 
 from questsig.app import Context, ModeService
 from questsig.relay.adapter import RelayService
-from questsig.settings import LISTENER, Setting, boolean, choice, positive, websocket_limits
+from questsig.settings import (LISTENER, Setting, access_settings, boolean, choice, positive,
+                               websocket_limits)
 
 NAME = "pair-relay"
 DEFAULT_PREFIX = "/relay"
@@ -24,6 +25,7 @@ SETTINGS: tuple[Setting, ...] = (
             "longest id in bytes after percent-decoding; longer gets 404"),
     *websocket_limits(max_message_size=65536, ping_interval=30.0, ping_timeout=20.0,
                       too_slow="is closed with 1008"),
+    *access_settings(),
 )
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any, Mapping
 
 from questsig.app import Context, ModeService, Mount
+from questsig.auth import Claims
 from questsig.relay.core import PairRelay, RelayClient, room_id
 from questsig.websocket import (POLICY_VIOLATION, Connection, WebSocketResource,
                                 is_upgrade, limits, make_factory)
@@ -93,7 +94,13 @@ class RelayService(ModeService):
             request.setResponseCode(code, phrase)
             return body
 
-        return WebSocketResource(factory, mount, admit=admit, plain=plain)
+        def bind(claims: Claims, request: Any) -> None:
+            # with access tokens on, the token's ``room`` is the one id the client may join
+            room = room_id(b"/" + b"/".join(request.postpath), max_id_length)
+            if room is not None:
+                claims.require("room", room, "room")
+
+        return WebSocketResource(factory, mount, admit=admit, plain=plain, bind=bind)
 
 
 def refusal(request: Any, max_id_length: int) -> Refusal | None:

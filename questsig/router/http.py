@@ -21,8 +21,9 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 
 from questsig.app import Mount
+from questsig.auth import Claims
 from questsig.router.core import (
-    Registration, Router, RouterError, UnknownRegistration, parse_query, route_parameters,
+    HOST, Registration, Router, RouterError, UnknownRegistration, parse_query, route_parameters,
 )
 from questsig.websocket import WebSocketResource
 
@@ -126,7 +127,8 @@ class RouterResource(Resource):
         super().__init__()
         self.router = router
         self.factory = factory
-        self.upgrade = WebSocketResource(factory, mount)
+        # access is checked before admission (which holds a socket's place), not at the upgrade
+        self.upgrade = WebSocketResource(factory, mount, check_access=False)
         self.stats_token: str | None = mount.settings["stats_token"]
         self.error_status: str = mount.settings["error_status"]
 
@@ -159,6 +161,11 @@ class RouterResource(Resource):
             params = route_parameters(pairs, ("token",), ())
         if params is None:
             return _reply(request, 400, INVALID_QUERY)
+        if route == b"connect":
+            refused = self.upgrade.access_refusal(
+                request, lambda claims, _: bind_registration(claims, params))
+            if refused is not None:
+                return refused
         if route == b"stats" and not self.authorized(request, params):
             return _reply(request, 401, headers={b"www-authenticate": b"Bearer"})
 
@@ -231,3 +238,11 @@ class RouterResource(Resource):
         body = json.dumps({"registrations": registrations, "system": memory_kib()},
                           separators=(",", ":"), sort_keys=True, ensure_ascii=False)
         return _reply(request, 200, body.encode("utf-8"), origin)
+
+
+def bind_registration(claims: Claims, params: Mapping[str, str]) -> None:
+    """With access tokens on, the token's ``room`` is the registration id a socket may join,
+    and only a token with ``host: true`` may connect as a host-client registration's host."""
+    claims.require("room", params["id"], "registration")
+    if params.get("sock_type") == HOST:
+        claims.require_true("host", "hosting")

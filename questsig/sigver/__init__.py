@@ -10,7 +10,8 @@ from typing import Any, Mapping
 
 from questsig.app import Context, ModeService
 from questsig.sigver.adapter import SigverService
-from questsig.settings import LISTENER, Setting, positive, seconds, websocket_limits
+from questsig.settings import (LISTENER, Setting, access_settings, positive, seconds,
+                               websocket_limits)
 
 NAME = "sigver"
 DEFAULT_PREFIX = "/sigver"
@@ -26,6 +27,7 @@ SETTINGS: tuple[Setting, ...] = (
             "in Node sees isFirst; 0 = send at once"),
     # the mode's own heartbeat keeps connections alive: WebSocket Pings are off by default
     *websocket_limits(max_message_size=1048576, ping_interval=0.0, ping_timeout=30.0),
+    *access_settings(),
 )
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 from typing import Any, Mapping
 
 from questsig.app import Context, ModeService, Mount
+from questsig.auth import Claims
 from questsig.sigver.core import Heartbeat, Peer, Signaling, key_from_subpath
 from questsig.websocket import Connection, WebSocketResource, limits, make_factory
 
@@ -93,4 +94,9 @@ class SigverService(ModeService):
             signaling=self.signaling, clock=self.context.reactor,
             first_frame_delay=s["first-frame-delay"],
             heartbeat=Heartbeat.from_settings(s))
-        return WebSocketResource(factory, mount)
+        return WebSocketResource(factory, mount, bind=bind_key)
+
+
+def bind_key(claims: Claims, request: Any) -> None:
+    """With access tokens on, the token's ``room`` is the one group key the client may join."""
+    claims.require("room", key_from_subpath(b"/" + b"/".join(request.postpath)), "room")

@@ -20,6 +20,10 @@
 // and the same methods: connect() (resolves at the first "ready"), signal(to, data), close().
 // Reconnection uses exponential back-off with jitter: `reconnectDelay` ms doubling up to
 // `reconnectMaxDelay` ms, reset by every successful open.
+//
+// Behind symmetric NATs peers need a TURN relay; with questsig's [turn] table configured,
+//   linkPeers(hub, { turnCredentials: "https://sig.example.org/turn-credentials" })
+// fetches short-lived TURN credentials and gives them to every RTCPeerConnection.
 
 const utf8 = new TextEncoder();
 const fromUtf8 = new TextDecoder();
@@ -780,11 +784,67 @@ export class FledgerClient extends SignalingClient {
 // -- WebRTC --------------------------------------------------------------------------------------
 
 /**
+ * TURN credentials from a questsig `[turn]` endpoint (`GET <url>?user=NAME`), fetched when first
+ * needed and again once half their lifetime has passed. `source` is the endpoint's URL or
+ * `{url, user, token}`: `user` names this client in the TURN server's logs and quotas (default:
+ * a random name), `token` is sent as `Authorization: Bearer` when the endpoint asks for one.
+ */
+export class TurnCredentials {
+  constructor(source, { user = null, token = null } = {}) {
+    const given = typeof source === "object" && !(source instanceof URL) ? source : { url: source };
+    this.url = String(given.url);
+    this.user = given.user ?? user ?? `peer-${hex(crypto.getRandomValues(new Uint8Array(6)))}`;
+    this.token = given.token ?? token;
+    this.pending = null;
+    this.renewAt = 0;
+  }
+
+  /** Entries for RTCPeerConnection's `iceServers`. */
+  async iceServers() {
+    if (this.pending === null || Date.now() >= this.renewAt) {
+      const pending = this.load();
+      this.pending = pending;
+      this.renewAt = Infinity; // one fetch at a time
+      // a failed fetch is tried again by the next caller
+      pending.catch(() => {
+        if (this.pending === pending) this.pending = null;
+      });
+    }
+    return this.pending;
+  }
+
+  async load() {
+    const url = new URL(this.url, globalThis.location?.href);
+    url.searchParams.set("user", this.user);
+    const headers = this.token ? { authorization: `Bearer ${this.token}` } : {};
+    const response = await fetch(url, { headers, cache: "no-store" });
+    if (!response.ok) {
+      throw new Error(`TURN credentials: ${response.status} ${(await response.text()).trim()}`);
+    }
+    const answer = await response.json();
+    this.renewAt = Date.now() + answer.ttl * 500;
+    // servers that give only the TURN REST API shape {username, password, uris} work too
+    return answer.iceServers
+      ?? [{ urls: answer.uris, username: answer.username, credential: answer.password }];
+  }
+}
+
+function turnSource(given) {
+  if (!given) return null;
+  return given instanceof TurnCredentials ? given : new TurnCredentials(given);
+}
+
+/**
  * One RTCPeerConnection with one data channel, negotiated through a signaling client.
- * Events: open, message {data}, close, state {state}.
+ * Events: open, message {data}, close, state {state}, error {message}.
+ * With `turnCredentials` (a URL, `{url, user, token}` or a TurnCredentials) the connection is
+ * made once the TURN credentials are in, with them added to `rtcConfig.iceServers`; `ready`
+ * resolves then. Should the fetch fail, an error event says so and the link goes on without.
  */
 export class PeerLink extends EventTarget {
-  constructor(signaling, peer, { initiator = false, rtcConfig = {}, label = "questsig" } = {}) {
+  constructor(signaling, peer, {
+    initiator = false, rtcConfig = {}, label = "questsig", turnCredentials = null,
+  } = {}) {
     super();
     this.signaling = signaling;
     this.peer = peer;
@@ -793,6 +853,28 @@ export class PeerLink extends EventTarget {
     this.channel = null;
     this.closed = false;
     this.pendingCandidates = [];
+    this.pc = null;
+    const turn = turnSource(turnCredentials);
+    if (turn) {
+      this.ready = this.connectWith(rtcConfig, turn);
+    } else {
+      this.setUp(rtcConfig);
+      this.ready = Promise.resolve();
+    }
+  }
+
+  async connectWith(rtcConfig, turn) {
+    let servers = [];
+    try {
+      servers = await turn.iceServers();
+    } catch (error) {
+      this.emit("error", { message: String(error.message || error) });
+    }
+    if (this.closed) return;
+    this.setUp({ ...rtcConfig, iceServers: [...(rtcConfig.iceServers ?? []), ...servers] });
+  }
+
+  setUp(rtcConfig) {
     this.pc = new RTCPeerConnection(rtcConfig);
     this.pc.onicecandidate = (event) => {
       if (!event.candidate) return;
@@ -811,7 +893,8 @@ export class PeerLink extends EventTarget {
   }
 
   async start() {
-    if (!this.initiator) return;
+    await this.ready;
+    if (!this.initiator || this.closed) return;
     this.attach(this.pc.createDataChannel(this.label));
     await this.pc.setLocalDescription(await this.pc.createOffer());
     this.signaling.signal(this.peer, { type: "offer", sdp: this.pc.localDescription.sdp });
@@ -825,6 +908,8 @@ export class PeerLink extends EventTarget {
   }
 
   async handle(data) {
+    await this.ready;
+    if (this.closed) return;
     if (data.type === "offer") {
       await this.pc.setRemoteDescription({ type: "offer", sdp: data.sdp });
       await this.flushCandidates();
@@ -856,7 +941,7 @@ export class PeerLink extends EventTarget {
     if (this.closed) return;
     this.closed = true;
     if (this.channel) this.channel.close();
-    this.pc.close();
+    if (this.pc) this.pc.close();
     this.emit("close");
   }
 }
@@ -865,13 +950,15 @@ export class PeerLink extends EventTarget {
  * Wire a signaling client to PeerLinks: offers are answered, "peer" events with
  * `initiator` and "hello" requests are called, departed peers' links are closed.
  * Returns {links, call(peer)}; `onLink(link)` sees every new link before it starts.
+ * `turnCredentials` (see PeerLink) is fetched once for all links and renewed as it ages.
  */
-export function linkPeers(signaling, { rtcConfig = {}, onLink = () => {} } = {}) {
+export function linkPeers(signaling, { rtcConfig = {}, turnCredentials = null, onLink = () => {} } = {}) {
   const links = new Map();
+  const turn = turnSource(turnCredentials);
   const make = (peer, initiator) => {
     const old = links.get(peer);
     if (old) old.close();
-    const link = new PeerLink(signaling, peer, { initiator, rtcConfig });
+    const link = new PeerLink(signaling, peer, { initiator, rtcConfig, turnCredentials: turn });
     links.set(peer, link);
     onLink(link);
     link.start().catch((error) => link.emit("error", { message: String(error) }));

@@ -157,8 +157,7 @@ async def test_peer_setup_across_servers(node_server, connect) -> None:
 
 
 async def test_peer_setup_goes_to_holding_server_only(node_server, connect) -> None:
-    """A PeerSetup to a node on B reaches it and nobody on a third server; one to an unknown
-    node is dropped."""
+    """A PeerSetup goes to the holding server only; one to an unknown node is dropped."""
     a, b, c = node_server("a"), node_server("b"), node_server("c")
     x, key_x = await join(connect, a)
     y, key_y = await join(connect, b)
@@ -174,8 +173,7 @@ async def test_peer_setup_goes_to_holding_server_only(node_server, connect) -> N
 
 
 async def test_takeover_across_servers(node_server, connect) -> None:
-    """An ID announced again on another server moves there: the old connection gets the Error,
-    stays open and loses the ID; closing it later leaves the new holder listed."""
+    """An ID announced on another server moves there; the old connection gets Error, stays open."""
     a, b = node_server("a"), node_server("b")
     key = Key()
     old, _ = await join(connect, a, key=key)
@@ -216,8 +214,7 @@ async def test_takeover_back_and_old_family(node_server, connect) -> None:
 
 
 async def test_server_stopped_abruptly(node_server, connect) -> None:
-    """The entries of a server that stops without a word are unlisted within the bound, except
-    an ID another server took over from it."""
+    """A dead server's entries go within the bound; an ID taken over from it stays."""
     a, b = node_server("a"), node_server("b")
     _, key_x = await join(connect, a)
     _, key_y = await join(connect, b)
@@ -237,8 +234,7 @@ async def test_server_stopped_abruptly(node_server, connect) -> None:
 
 
 async def test_restart_under_same_node_id(node_server, connect) -> None:
-    """A server restarted under the node id of one that died unlists what the dead run left,
-    and keeps the nodes announced on it since."""
+    """A restart under a dead server's node id unlists the dead run's entries, keeps its own."""
     a, b = node_server("a"), node_server("b")
     _, key_x = await join(connect, a)
     _, key_y = await join(connect, b)
@@ -265,8 +261,7 @@ def pause_redis(server: Any, milliseconds: int) -> None:
 
 
 async def test_outage_keeping_data(node_server, connect, redis_server) -> None:
-    """After an outage in which Redis kept its data, the list keeps its order and loses what
-    was withdrawn meanwhile."""
+    """After an outage that kept Redis's data, the list keeps its order, minus what left."""
     a, b = node_server("a"), node_server("b")
     _, key_x = await join(connect, a)
     _, key_y = await join(connect, b)
@@ -286,8 +281,7 @@ async def test_outage_keeping_data(node_server, connect, redis_server) -> None:
 
 
 async def test_redis_restart(node_server, connect, redis_server) -> None:
-    """Redis down: each server lists and connects its own nodes; back up, the cluster's list
-    is whole again, without what was withdrawn meanwhile."""
+    """Redis down: each server serves its own nodes; restarted empty, the list is whole again."""
     a, b = node_server("a"), node_server("b")
     x, key_x = await join(connect, a)
     y, key_y = await join(connect, b)

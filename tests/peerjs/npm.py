@@ -23,6 +23,16 @@ def modules() -> Path:
     Node.js or npm is missing."""
     if shutil.which("node") is None or shutil.which("npm") is None:
         pytest.skip("Node.js and npm are needed to run the real PeerJS server and client")
+    try:
+        return install()
+    except RuntimeError as e:
+        pytest.fail(str(e))
+
+
+def install() -> Path:
+    """Installs the lockfile's packages (``peer``, ``peerjs`` and their ``ws``) once into the
+    cache directory and returns its node_modules; RuntimeError if npm fails. Also used by
+    bench/compare.py."""
     manifest = (UPSTREAM / "package.json").read_bytes()
     lock = (UPSTREAM / "package-lock.json").read_bytes()
     digest = hashlib.sha256(manifest + lock).hexdigest()[:12]
@@ -36,7 +46,8 @@ def modules() -> Path:
         done = subprocess.run(["npm", "ci", "--no-audit", "--no-fund"], cwd=target,
                               capture_output=True, text=True, timeout=300)
         if done.returncode != 0:
-            pytest.fail("could not install peer and peerjs from npm: " + done.stderr[-500:])
+            raise RuntimeError("could not install peer and peerjs from npm: "
+                               + done.stderr[-500:])
     return target / "node_modules"
 
 

@@ -303,3 +303,30 @@ async def test_redis_restart_local_pairs_go_on_and_the_cluster_recovers(
     await expect(later_a, "across")
     await local_2.send("still local")
     await expect(local_1, "still local")
+
+
+async def test_a_flooding_client_is_not_read_while_redis_is_slow(redis_server: Any, serve: Any,
+                                                                 connect: Any) -> None:
+    """A flooding client is not read while Redis is slow to answer its join: bounded queue."""
+    a = serve(mounts=["/=pair-relay"], redis=redis_server.url, node_id="a", node_timeout=15,
+              overrides={"": {"client": False}})
+    await a.wait(a.cluster.call("PING"))
+    relay = a.mode("pair-relay").relay("/")
+    await a.wait(a.cluster.call("CLIENT", "PAUSE", "2000", "ALL"))
+    ws = await connect(a, "/flood")
+
+    async def flood() -> None:
+        for _ in range(50000):
+            await ws.send(b"x" * 100)
+
+    sending = asyncio.ensure_future(flood())
+    most = 0
+    deadline = asyncio.get_running_loop().time() + 1.5
+    while asyncio.get_running_loop().time() < deadline:
+        for client in relay.clients:
+            most = max(most, len(client.arrivals._queue or ()))
+        await asyncio.sleep(0.01)
+    assert not sending.done()  # the client could not send it all: nobody read it
+    sending.cancel()
+    assert 0 < most < 2000
+    await expect(ws, WAITING, timeout=10)

@@ -1,5 +1,7 @@
 // The demo page: two tabs open an RTCDataChannel through the chosen questsig mode.
 // Query parameters prefill the form: mode, path, room, peer, key, reg, role; auto=1 connects.
+// When the server hands out TURN credentials (an entry with mode "turn" in mounts.json), every
+// peer connection gets them; relay=1 then forces the data through the TURN server.
 import {
   FledgerClient, HubClient, PairRelayClient, RouterClient, SigverClient, linkPeers,
 } from "../client.js";
@@ -46,6 +48,7 @@ const MODES = {
 
 const $ = (id) => document.getElementById(id);
 let mounts = DEFAULT_MOUNTS;
+let turn = null;
 let client = null;
 let peers = null;
 const state = { frames: [], received: [], channel: "closed", opens: 0 };
@@ -165,7 +168,7 @@ async function connect() {
     if (others.length && !$("peer").value) $("peer").value = others[0].id;
   });
   client.addEventListener("peer", (e) => log("note", `peer ${e.detail.id} reachable`));
-  peers = linkPeers(client, { onLink: watchLink });
+  peers = linkPeers(client, { onLink: watchLink, ...iceOptions() });
   state.peers = peers;
   $("disconnect").disabled = false;
   setText("signaling", "connecting");
@@ -174,6 +177,16 @@ async function connect() {
   } catch (error) {
     setText("problem", String(error.message || error));
   }
+}
+
+function iceOptions() {
+  if (!turn) return {};
+  const relay = new URLSearchParams(location.search).get("relay") === "1";
+  log("note", `TURN credentials from ${turn.path}${relay ? ", relay only" : ""}`);
+  return {
+    turnCredentials: turn.path,
+    rtcConfig: relay ? { iceTransportPolicy: "relay" } : {},
+  };
 }
 
 function disconnect() {
@@ -199,6 +212,9 @@ async function start() {
   } catch {
     // served without questsig's mount table: assume the default prefixes
   }
+  turn = mounts.find((m) => m.mode === "turn") ?? null;
+  state.turn = turn ? turn.path : null;
+  setText("turn", turn ? `credentials from ${turn.path}` : "not configured");
   const peerjs = mounts.find((m) => m.mode === "peerjs");
   if (peerjs) {
     // users bring the peerjs library; the mount is its `path` option
