@@ -43,9 +43,12 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT))
 from cluster_bench import cpu_seconds  # noqa: E402  shared measuring code
 from hub_bench import rss_kib  # noqa: E402
 from peerjs.npm import UPSTREAM, install  # noqa: E402  the tests' pinned PeerJS server
+
+from questsig import settings as questsig_settings  # noqa: E402  the checkout's
 
 TWISTD = str(Path(sys.executable).with_name("twistd"))
 LOADGEN = HERE / "loadgen.js"
@@ -60,6 +63,10 @@ QUESTSIG = {
     "sigver": ("sigver", "/sigver=sigver", []),
     "peerjs": ("peerjs", "/peerjs=peerjs", ["peerjs.concurrent_limit=50000"]),
 }
+#: per-address caps that a load from one address must not hit (where this checkout has them)
+ADDRESS_LIMITS = [getattr(questsig_settings, name) for name in
+                  ("MAX_CONNECTIONS_PER_ADDRESS", "CONNECTIONS_PER_ADDRESS_PER_SECOND")
+                  if hasattr(questsig_settings, name)]
 REFERENCE = "peerjs-node"
 ALL = [REFERENCE, *QUESTSIG]
 
@@ -118,6 +125,8 @@ class Server:
                 self.kind, mount, sets = QUESTSIG[name]
                 env = {**os.environ, "PYTHONPATH": os.pathsep.join(
                     filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+                # every connection comes from 127.0.0.1: no per-address caps
+                sets = sets + [f"{name}.{key}=0" for key in ADDRESS_LIMITS]
                 state = work / name
                 state.mkdir()
                 self.proc = procs.start(
@@ -231,7 +240,9 @@ def latency(server: Server, procs, node_modules, core, args) -> dict:
 
 def connections(server: Server, procs, node_modules, core, args) -> dict:
     before = rss_kib(server.proc.pid)
-    gens = Generators(procs, server, node_modules, core, 1, phase="connect", conns=args.conns,
+    # every router socket costs a scrypt check of its key (by design): far fewer for it
+    conns = args.router_conns if server.kind == "router" else args.conns
+    gens = Generators(procs, server, node_modules, core, 1, phase="connect", conns=conns,
                       concurrency=args.concurrency)
     try:
         cpu0 = cpu_seconds(server.proc.pid)
@@ -243,7 +254,7 @@ def connections(server: Server, procs, node_modules, core, args) -> dict:
         gens.stop()
     opened = result["opened"]
     return {"handshakes": opened / result["seconds"], "opened": opened,
-            "failed": result["failed"], "errors": result["errors"],
+            "failed": result["failed"], "errors": result["errors"], "conns": conns,
             "hs_server_cpu": server_cpu / result["seconds"],
             "rss_per_1000": (after - before) / 1024 / opened * 1000 if opened else float("nan")}
 
@@ -256,9 +267,13 @@ def measure(name: str, procs: Processes, work: Path, node_modules: Path, args) -
             server.register(max(args.pairs, args.procs))
         figures: dict = {}
         for size in (200, 3000):
-            figures[f"tp{size}"] = throughput(server, procs, node_modules, gen_core, args, size)
-        figures["lat"] = latency(server, procs, node_modules, gen_core, args)
-        figures.update(connections(server, procs, node_modules, gen_core, args))
+            if f"tp{size}" in args.phases:
+                figures[f"tp{size}"] = throughput(server, procs, node_modules, gen_core, args,
+                                                  size)
+        if "lat" in args.phases:
+            figures["lat"] = latency(server, procs, node_modules, gen_core, args)
+        if "conn" in args.phases:
+            figures.update(connections(server, procs, node_modules, gen_core, args))
         return figures
     finally:
         procs.stop(server.proc)
@@ -296,23 +311,28 @@ def table(figures: dict[str, dict], args) -> str:
         row = [label]
         for n in names:
             f = figures[n]
-            text = fmt(f) if callable(fmt) else fmt.format(get(f))
+            try:
+                text = fmt(f) if callable(fmt) else fmt.format(get(f))
+            except KeyError:  # a phase left out with --phases
+                row.append("-")
+                continue
             if n != REFERENCE and ref is not None and not label.startswith("  "):
                 mine, theirs = get(f), get(ref)
                 text += f" ({mine / theirs:.2f}x)" if theirs else ""
             row.append(text)
         if REFERENCE not in names:
             row.insert(1, "")
-        lines.append(row)
+        if any(cell not in ("", "-") for cell in row[1:]):
+            lines.append(row)
     widths = [max(len(r[i]) for r in lines) for i in range(len(header))]
     out = ["  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths)))
            for r in lines]
     notes = []
     for n in names:
         f = figures[n]
-        if f["failed"]:
-            notes.append(f"{n}: {f['failed']} of {args.conns} connections failed: {f['errors']}")
-        if f["lat"]["received"] < f["lat"]["sent"]:
+        if f.get("failed"):
+            notes.append(f"{n}: {f['failed']} of {f['conns']} connections failed: {f['errors']}")
+        if "lat" in f and f["lat"]["received"] < f["lat"]["sent"]:
             notes.append(f"{n}: {f['lat']['sent'] - f['lat']['received']} latency frames lost")
     return "\n".join(out + notes)
 
@@ -344,7 +364,11 @@ def main() -> None:
     parser.add_argument("--latency-seconds", type=float, default=None, help="default 10")
     parser.add_argument("--conns", type=int, default=None,
                         help="idle connections held (default 10,000)")
+    parser.add_argument("--router-conns", type=int, default=100,
+                        help="router's connections (each costs a scrypt key check)")
     parser.add_argument("--concurrency", type=int, default=100, help="handshakes in flight")
+    parser.add_argument("--phases", default="tp200,tp3000,lat,conn",
+                        help="which figures: tp200, tp3000 (saturation), lat, conn")
     parser.add_argument("--quick", action="store_true",
                         help="2,000 connections, shorter runs (about a quarter of the time)")
     parser.add_argument("--no-save", action="store_true", help="print only")
@@ -354,6 +378,7 @@ def main() -> None:
                              ("latency_seconds", 10, 4)):
         if getattr(args, key) is None:
             setattr(args, key, quick if args.quick else full)
+    args.phases = set(args.phases.split(","))
     servers = [s.strip() for s in args.servers.split(",") if s.strip()]
     for s in servers:
         if s not in ALL:
@@ -392,7 +417,8 @@ def main() -> None:
             f"{args.pairs} pairs, window {args.window}, {args.seconds:g} s per saturation run, "
             f"{args.procs} generator processes; latency {args.rate} frames/s of 200 B for "
             f"{args.latency_seconds:g} s; {args.conns} connections, {args.concurrency} "
-            f"handshakes in flight; server on core 0, generator on core 1\n"
+            f"handshakes in flight ({args.router_conns} for router: each router socket costs a "
+            f"scrypt check of its key); server on core 0, generator on core 1\n"
             "ratios: questsig / PeerJS (higher is better for msg/s and handshakes, lower for "
             "latency and RSS)\n\n" + table(figures, args) + "\n")
     print("\n" + text)

@@ -86,7 +86,14 @@ async def needs(command: str, awaitable: Awaitable[Any]) -> Any:
 
 
 def redact(url: str) -> str:
-    """``url`` without its password, for logs."""
+    """``url`` without its password (in the user part, or the ``password`` parameter redis-py
+    also reads), for logs."""
+    head, question, rest = url.partition("?")
+    if question:
+        # the parameter may be repeated or spelt in any case; every value goes
+        query, hash_, fragment = rest.partition("#")
+        query = re.sub(r"(?i)(^|&)(password=)[^&]*", r"\1\2***", query)
+        url = head + question + query + hash_ + fragment
     parts = urlsplit(url)
     if parts.password is None:
         return url
@@ -203,8 +210,40 @@ class Requests:
 
     def _unanswered(self, seq: int, node: str) -> None:
         answer, _ = self.waiting.pop(seq)
-        self.silent[node] = self.clock.seconds() + self.cluster.node_timeout
+        now = self.clock.seconds()
+        # a dead node is never asked again, so its entry would stay: drop the expired ones
+        self.silent = {n: until for n, until in self.silent.items() if until > now}
+        self.silent[node] = now + self.cluster.node_timeout
         answer.callback(None)
+
+
+class Locations:
+    """The node last found holding each name (or id) that lives on another node, so that a
+    message to it needs no Redis lookup. At worst stale: the node asked answers no and the
+    caller looks again. Bounded: emptied whole when ``limit`` is reached."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.nodes: dict[str, str] = {}
+
+    def get(self, key: str) -> str | None:
+        return self.nodes.get(key)
+
+    def remember(self, key: str, node: str) -> None:
+        if len(self.nodes) >= self.limit:
+            self.nodes.clear()
+        self.nodes[key] = node
+
+    def forget(self, key: str) -> None:
+        self.nodes.pop(key, None)
+
+    def forget_node(self, node: str) -> None:
+        """``node`` is gone: nothing is found there any more."""
+        for key in [k for k, at in self.nodes.items() if at == node]:
+            del self.nodes[key]
+
+    def clear(self) -> None:
+        self.nodes.clear()
 
 
 def generated_node_id() -> str:

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping
 from urllib.parse import urlsplit
 
-from questsig import app, auth, settings, turn
+from questsig import app, auth, limits, settings, turn
 from questsig.app import Mount
 from questsig.client import CLIENT_PATH, DEMO_PATH
 from questsig.settings import LISTENER, MODE, ConfigError, Setting, normalise_key
@@ -50,6 +50,14 @@ GLOBALS: tuple[Setting, ...] = (
             "this process's id in the cluster, unique per process (default: generated, logged at start)"),
     Setting("node-timeout", 15.0, MODE, lambda v: node_timeout(settings.seconds(v)),
             "seconds without presence after which a node counts as dead and its state is released"),
+    Setting("admin-endpoint", "", MODE, settings.text,
+            "endpoint serving /metrics, /healthz and /readyz (e.g. tcp:9100:interface=127.0.0.1); "
+            "empty: off"),
+    Setting("log-format", "text", MODE, settings.choice("text", "json"),
+            "text: twistd's lines; json: one JSON object per line"),
+    Setting(settings.TRUSTED_PROXIES, (), MODE, limits.proxy_networks,
+            "addresses or networks of reverse proxies whose X-Forwarded-For names the client "
+            "(its rightmost entry that is not a trusted proxy); other peers' headers are ignored"),
 )
 
 
@@ -72,10 +80,15 @@ class Config:
     redis: str = ""
     node_id: str = ""
     node_timeout: float = 15.0
+    #: the admin listener's endpoint string; empty when off
+    admin_endpoint: str = ""
+    log_format: str = "text"
     source: str = "defaults"
     extra: Mapping[str, Any] = field(default_factory=dict)
     #: the ``[turn]`` table: TURN credentials served on every listener; None when off
     turn: turn.TurnConfig | None = None
+    #: ``trusted-proxies``: peers whose X-Forwarded-For is believed (questsig.limits)
+    trusted_proxies: tuple[Any, ...] = ()
 
     @property
     def mounted_modes(self) -> list[str]:
@@ -299,11 +312,14 @@ def load(*, config_file: str | None = None, endpoints: Iterable[str] = (),
         modes={name: mode_wide[name] for name in mode_wide if name in mounted},
         state_dir=Path(top["state-dir"]),
         log_requests=top["log-requests"],
+        trusted_proxies=top["trusted-proxies"],
         max_open_files=top["max-open-files"],
         client=top["client"],
         redis=top["redis"],
         node_id=top["node-id"],
         node_timeout=top["node-timeout"],
+        admin_endpoint=top["admin-endpoint"],
+        log_format=top["log-format"],
         source=source,
         turn=turn_config,
     )

@@ -18,8 +18,10 @@ from cryptography.hazmat.primitives import serialization
 from twisted.application.internet import StreamServerEndpointService
 from twisted.internet import endpoints
 from twisted.internet.error import CannotListenError
-from twisted.internet.interfaces import IStreamServerEndpointStringParser
+from twisted.internet.interfaces import (IOpenSSLServerConnectionCreator,
+                                         IStreamServerEndpointStringParser)
 from twisted.plugin import getPlugins
+from zope.interface import implementer
 
 from questsig.config import Config
 from questsig.settings import ConfigError
@@ -42,7 +44,9 @@ def parse_endpoint(description: str, reactor: Any) -> Any:
     problem = endpoint_problem(description)
     if problem is None:
         try:
-            return with_full_chain(endpoints.serverFromString(reactor, description), description)
+            return reloadable_tls(
+                with_full_chain(endpoints.serverFromString(reactor, description), description),
+                description, reactor)
         except IndexError:
             problem = "no such socket was passed by systemd (LISTEN_FDS)"
         except KeyError as e:
@@ -216,6 +220,49 @@ def with_full_chain(endpoint: Any, description: str) -> Any:
     return endpoint
 
 
+
+@implementer(IOpenSSLServerConnectionCreator)
+class ReloadableTLS:
+    """The TLS settings of one ``ssl:`` listener, replaceable while it listens: each new
+    handshake asks for the current ones, and connections already open keep theirs."""
+
+    def __init__(self, options: Any, description: str, reactor: Any):
+        self.options = options
+        self.description = description
+        self.reactor = reactor
+
+    def serverConnectionForTLS(self, protocol: Any) -> Any:
+        return self.options.serverConnectionForTLS(protocol)
+
+    def getContext(self) -> Any:
+        return self.options.getContext()
+
+    def reload(self) -> str | None:
+        """Read the endpoint's files again; None when the new ones are in use, otherwise what is
+        wrong with them (the current ones stay)."""
+        problem = endpoint_problem(self.description)
+        if problem is not None:
+            return problem
+        try:
+            fresh = with_full_chain(endpoints.serverFromString(self.reactor, self.description),
+                                    self.description)
+            options = fresh._sslContextFactory
+            options.getContext()  # loads and checks everything now, not at the next handshake
+        except Exception as e:  # whatever OpenSSL refuses is reported, never raised
+            return str(e) or type(e).__name__
+        self.options = options
+        return None
+
+
+def reloadable_tls(endpoint: Any, description: str, reactor: Any) -> Any:
+    """An ``ssl:`` endpoint whose certificate files :meth:`ListenerService.reload_tls` can read
+    again; other endpoints as they are."""
+    options = getattr(endpoint, "_sslContextFactory", None)
+    if options is not None and not isinstance(options, ReloadableTLS):
+        endpoint._sslContextFactory = ReloadableTLS(options, description, reactor)
+    return endpoint
+
+
 # -- services -------------------------------------------------------------------------------
 
 class ListenerService(StreamServerEndpointService):
@@ -241,6 +288,18 @@ class ListenerService(StreamServerEndpointService):
     def _listening(self, port: Any) -> Any:
         self.port = port
         return port
+
+    def reload_tls(self) -> str | None:
+        """Read this listener's certificate files again (``ssl:`` listeners only): None when the
+        new files serve from the next handshake on, otherwise why the current ones stay."""
+        tls = getattr(self.endpoint, "_sslContextFactory", None)
+        if not isinstance(tls, ReloadableTLS):
+            return None
+        return tls.reload()
+
+    @property
+    def reloads_tls(self) -> bool:
+        return isinstance(getattr(self.endpoint, "_sslContextFactory", None), ReloadableTLS)
 
 
 def describe_port(port: Any) -> str:

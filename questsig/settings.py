@@ -146,6 +146,49 @@ def websocket_limits(*, max_message_size: int, ping_interval: float, ping_timeou
     )
 
 
+# -- abuse limits, the same keys in every mode (questsig.limits) -----------------------------------
+
+#: the one spelling of each abuse limit
+MAX_CONNECTIONS_PER_ADDRESS = "max-connections-per-address"
+CONNECTIONS_PER_ADDRESS_PER_SECOND = "connections-per-address-per-second"
+MESSAGES_PER_SECOND = "messages-per-second"
+MESSAGES_BURST = "messages-burst"
+IDLE_TIMEOUT = "idle-timeout"
+#: top-level: the proxies whose X-Forwarded-For is believed
+TRUSTED_PROXIES = "trusted-proxies"
+
+
+def rate(value: Any) -> float:
+    """A non-negative number per second (0 means off)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+        raise ValueError("must be a non-negative number per second")
+    return float(value)
+
+
+def abuse_limits(*, max_connections_per_address: int = 1000,
+                 connections_per_address_per_second: float = 200.0,
+                 messages_per_second: float = 1000.0, messages_burst: int = 2000,
+                 idle_timeout: float = 3600.0) -> tuple[Setting, ...]:
+    """The listener-scope abuse limits, declared once for every mode. The defaults are far
+    above what any well-behaved client does, so that they stop floods and nothing else."""
+    return (
+        Setting(MAX_CONNECTIONS_PER_ADDRESS, max_connections_per_address, LISTENER, count,
+                "open WebSockets one client address may hold (IPv6: one /64); past it the "
+                "upgrade gets 429; 0 = unlimited"),
+        Setting(CONNECTIONS_PER_ADDRESS_PER_SECOND, connections_per_address_per_second,
+                LISTENER, rate,
+                "new WebSockets per second one client address may open (as many at once); "
+                "past it the upgrade gets 429; 0 = unlimited"),
+        Setting(MESSAGES_PER_SECOND, messages_per_second, LISTENER, rate,
+                "messages per second one connection may send on average; past it (and the "
+                "burst) the mode's error, if it has one, then close 1008; 0 = unlimited"),
+        Setting(MESSAGES_BURST, messages_burst, LISTENER, positive,
+                "messages one connection may send at once above messages-per-second"),
+        Setting(IDLE_TIMEOUT, idle_timeout, LISTENER, seconds,
+                "seconds without any frame from the client (messages, Pings, Pongs) before "
+                "the connection is closed with 1001; 0 = off"),
+    )
+
 # -- access tokens, the same keys in every mode (questsig.auth, docs/auth.md) ----------------------
 
 #: the one spelling of each access key

@@ -1,13 +1,14 @@
 """Strict RFC 8259 JSON, as the hub and fledger read client frames.
 
 Python's ``json`` accepts ``NaN``/``Infinity``, lone surrogate escapes and nesting as deep as
-the interpreter's stack; these are refused here. Duplicate keys: the last wins.
+the interpreter's stack; these are refused here. Duplicate keys: the last wins, and
+:func:`duplicates` names the ones a caller asked to watch.
 """
 from __future__ import annotations
 
 import json
 import re
-from typing import Any
+from typing import Any, Collection
 
 MAX_DEPTH = 128
 
@@ -20,17 +21,77 @@ _decoder = json.JSONDecoder(parse_constant=_reject_constant)
 _SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
 
 
-def parse(text: str) -> Any:
-    """Strict RFC 8259 JSON; raises ValueError for anything else."""
+class _Repeated(dict):  # type: ignore[type-arg]
+    """An object in which some names appeared more than once (the last value kept)."""
+
+    repeated: frozenset[str] = frozenset()
+
+
+def _keep_repeats(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    value = dict(pairs)
+    if len(value) == len(pairs):
+        return value
+    seen: set[str] = set()
+    repeated: set[str] = set()
+    for name, _ in pairs:
+        (repeated if name in seen else seen).add(name)
+    marked = _Repeated(value)
+    marked.repeated = frozenset(repeated)
+    return marked
+
+
+_watching_decoder = json.JSONDecoder(parse_constant=_reject_constant,
+                                     object_pairs_hook=_keep_repeats)
+
+
+def duplicates(value: Any) -> frozenset[str]:
+    """The names repeated in the object ``value`` (not in its children), as far as
+    :func:`parse`'s ``watch`` was asked to notice them."""
+    return getattr(value, "repeated", frozenset())
+
+
+_QUOTED: dict[Collection[str], tuple[str, ...]] = {}
+
+
+def _quoted(watch: Collection[str]) -> tuple[str, ...]:
+    """The watched names as they appear quoted in a text, made once per collection (every
+    message of a hub is parsed with the same one)."""
+    try:
+        return _QUOTED[watch]
+    except (KeyError, TypeError):
+        quoted = tuple(f'"{name}"' for name in watch)
+        try:
+            if len(_QUOTED) < 64:
+                _QUOTED[watch] = quoted
+        except TypeError:  # an unhashable collection
+            pass
+        return quoted
+
+
+def parse(text: str, watch: Collection[str] = ()) -> Any:
+    """Strict RFC 8259 JSON; raises ValueError for anything else. With ``watch`` (names
+    spelled without escapes), objects in which one of these names may repeat are marked for
+    :func:`duplicates`; a text that cannot repeat them parses as fast as without."""
     if text.startswith("\ufeff"):
         raise ValueError("BOM")
+    decoder = _decoder
+    escapes = "\\u" in text
+    if watch:
+        # a ``\u`` escape can spell a watched name without its plain text
+        if escapes:
+            decoder = _watching_decoder
+        else:
+            for quoted in _quoted(watch):
+                if text.count(quoted) > 1:
+                    decoder = _watching_decoder
+                    break
     try:
-        value = _decoder.decode(text)
+        value = decoder.decode(text)
     except RecursionError:
         raise ValueError("nested too deep") from None
     if text.count("[") + text.count("{") > MAX_DEPTH and _depth(value) > MAX_DEPTH:
         raise ValueError("nested too deep")
-    if _SURROGATE_ESCAPE.search(text) and _has_lone_surrogate(value):
+    if escapes and _SURROGATE_ESCAPE.search(text) and _has_lone_surrogate(value):
         raise ValueError("lone surrogate")
     return value
 

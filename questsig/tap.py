@@ -1,6 +1,7 @@
 """``twistd questsig``: command-line options and the composition of the service tree."""
 from __future__ import annotations
 
+import signal
 from typing import Any
 
 from twisted.application import service
@@ -14,8 +15,13 @@ from questsig.config import Config
 from questsig.app import Context
 from questsig.listeners import (ListenerService, describe_port, parse_endpoints,
                                 raise_open_file_limit)
+from questsig.admin import AdminResource
+from questsig.listeners import parse_endpoint
+from questsig.metrics import Metrics
+from questsig.settings import DEFAULT_OPEN_HANDSHAKE_TIMEOUT
 from questsig.settings import ConfigError
-from questsig.web import build_site
+from questsig import jsonlog
+from questsig.web import QuietSite, build_site
 from questsig.websocket import ConnectionSet
 
 log = Logger()
@@ -38,6 +44,8 @@ class Options(usage.Options):
         ["node-id", None, None, "This process's id in the cluster (default: generated, logged at start)."],
         ["node-timeout", None, None, "Seconds without presence after which a cluster node counts as dead (default: 15)."],
         ["turn-secret-file", None, None, "File with the secret shared with the TURN server (turns TURN credentials on)."],
+        ["admin-endpoint", None, None, "Endpoint serving /metrics, /healthz and /readyz (e.g. tcp:9100:interface=127.0.0.1; default: off)."],
+        ["log-format", None, None, "text (default) or json: one JSON object per log line."],
     ]
     optFlags = [
         ["push-allow-private", None, "hub: allow push endpoints on private or loopback addresses over http (testing)."],
@@ -99,6 +107,9 @@ class Options(usage.Options):
             top["node-id"] = self["node-id"]
         if self["node-timeout"]:
             top["node-timeout"] = config.parse_cli_value(self["node-timeout"])
+        for key in ("admin-endpoint", "log-format"):
+            if self[key]:
+                top[key] = self[key]
         if self["push-vapid-key"]:
             hub["push-vapid-key"] = self["push-vapid-key"]
         if self["push-vapid-subject"]:
@@ -123,6 +134,15 @@ class Options(usage.Options):
             if self.config.redis:
                 use_asyncio_reactor()  # before parsing endpoints, which imports the reactor
             self.endpoints = parse_endpoints(self.config)
+            self.admin_endpoint = None
+            if self.config.admin_endpoint:
+                from twisted.internet import reactor
+
+                self.admin_endpoint = parse_endpoint(self.config.admin_endpoint, reactor)
+            # twistd's own options (--logfile, --nodaemon, --syslog) say where the log goes
+            self.log_observer = (jsonlog.observer(getattr(self, "parent", None),
+                                                  self.config.log_requests)
+                                 if self.config.log_format == "json" else None)
         except ConfigError as e:
             # twistd answers a UsageError with the whole --help text, which buries the one line
             # that matters; SystemExit prints just that line and exits with status 1
@@ -155,7 +175,11 @@ class QuestsigService(service.MultiService):
     """The whole server: mode services, then listeners. Stops in the order that loses nothing:
     stop accepting, close every WebSocket with 1001, then stop the modes (timers, stores)."""
 
-    def __init__(self, cfg: Config, reactor: Any, parsed_endpoints: list[Any] | None = None):
+    #: a twisted.logger observer for twistd to log through (set by makeService)
+    log_observer: Any = None
+
+    def __init__(self, cfg: Config, reactor: Any, parsed_endpoints: list[Any] | None = None,
+                 admin_endpoint: Any = None):
         super().__init__()
         if parsed_endpoints is None:
             parsed_endpoints = parse_endpoints(cfg, reactor)
@@ -163,6 +187,7 @@ class QuestsigService(service.MultiService):
         self.reactor = reactor
         self.connections = ConnectionSet()
         self.connections.log_requests = cfg.log_requests
+        self.connections.trusted_proxies = cfg.trusted_proxies
         self.cluster: Cluster | None = None
         if cfg.redis:
             # started before the modes and stopped after them, so they may use it throughout
@@ -188,6 +213,24 @@ class QuestsigService(service.MultiService):
             svc.mounts = listener.mounts
             svc.setServiceParent(self)
             self.listeners.append(svc)
+        # /metrics and the health checks, on a listener of their own after the others
+        self.metrics: Metrics | None = None
+        self.admin: ListenerService | None = None
+        if cfg.admin_endpoint:
+            self.metrics = Metrics(self)
+            self.admin = ListenerService(
+                cfg.admin_endpoint, admin_endpoint or parse_endpoint(cfg.admin_endpoint, reactor),
+                QuietSite(AdminResource(self, self.metrics), log_requests=cfg.log_requests,
+                          handshake_timeout=DEFAULT_OPEN_HANDSHAKE_TIMEOUT))
+            self.admin.setServiceParent(self)
+
+    def setServiceParent(self, parent: Any) -> Any:
+        # twistd takes the application's ILogObserver over its own text observer
+        if self.log_observer is not None and hasattr(parent, "setComponent"):
+            from twisted.logger import ILogObserver
+
+            parent.setComponent(ILogObserver, self.log_observer)
+        return super().setServiceParent(parent)
 
     def privilegedStartService(self) -> None:
         raise_open_file_limit(self.config.max_open_files)
@@ -206,10 +249,47 @@ class QuestsigService(service.MultiService):
         if self.config.turn is not None:
             log.info("TURN credentials at {path} for {urls}", path=self.config.turn.path,
                      urls=" ".join(self.config.turn.urls))
+        if self.admin is not None:
+            log.info("admin endpoint {endpoint}{port}: /metrics, /healthz, /readyz",
+                     endpoint=self.admin.endpoint_string, port=describe_port(self.admin.port))
+        self._install_reload_signal()
+
+    def _install_reload_signal(self) -> None:
+        """SIGHUP re-reads the TLS certificate files (a certificate renewal needs no restart).
+        The handler only hands the work to the reactor thread; without it SIGHUP would end
+        the process, which ``systemctl reload`` must never do."""
+        self._previous_sighup: Any = None
+        if not hasattr(signal, "SIGHUP"):
+            return
+        try:
+            self._previous_sighup = signal.signal(
+                signal.SIGHUP, lambda *_: self.reactor.callFromThread(self.reload_tls))
+        except ValueError:  # not the main thread (an embedding program): no signal handling
+            self._previous_sighup = None
+
+    def reload_tls(self) -> None:
+        """Read every ``ssl:`` listener's certificate files again; a listener whose new files
+        are unusable keeps serving its current certificate, and says so in one line."""
+        reloaded, failed = 0, 0
+        for svc in self.listeners:
+            if not svc.reloads_tls:
+                continue
+            problem = svc.reload_tls()
+            if problem is None:
+                reloaded += 1
+            else:
+                failed += 1
+                log.error("TLS certificate of {endpoint} not reloaded, the current one stays: "
+                          "{problem}", endpoint=svc.endpoint_string, problem=problem)
+        if not failed:
+            log.info("SIGHUP: reloaded the TLS certificate of {n} listener(s)", n=reloaded)
 
     @defer.inlineCallbacks
     def stopService(self) -> Any:
         log.info("questsig stopping: closing {n} connection(s)", n=len(self.connections))
+        if getattr(self, "_previous_sighup", None) is not None:
+            signal.signal(signal.SIGHUP, self._previous_sighup)
+            self._previous_sighup = None
         service.Service.stopService(self)
         yield defer.DeferredList([defer.maybeDeferred(s.stopService) for s in self.listeners
                                   if s.running])
@@ -218,6 +298,8 @@ class QuestsigService(service.MultiService):
                                   for m in reversed(list(self.modes.values())) if m.running])
         if self.cluster is not None and self.cluster.running:
             yield self.cluster.stopService()
+        if self.admin is not None and self.admin.running:
+            yield self.admin.stopService()
         log.info("questsig stopped")
 
 
@@ -226,4 +308,7 @@ def makeService(options: Options, reactor: Any = None) -> QuestsigService:
         from twisted.internet import reactor as default_reactor
 
         reactor = default_reactor
-    return QuestsigService(options.config, reactor, options.endpoints)
+    server = QuestsigService(options.config, reactor, options.endpoints,
+                             getattr(options, "admin_endpoint", None))
+    server.log_observer = getattr(options, "log_observer", None)
+    return server

@@ -22,7 +22,11 @@ A mode's protocol subclasses :class:`Connection`, which is what the mode's core 
 """
 from __future__ import annotations
 
+import pprint
+import time
+import types
 from dataclasses import dataclass
+from time import monotonic
 from typing import Any, Callable, Iterator, Mapping
 
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
@@ -38,9 +42,89 @@ from zope.interface import implementer
 
 from questsig.app import Mount
 from questsig import auth, settings
+from questsig.limits import AddressLimits, limit_key, request_address
+from questsig.metrics import ROUTING_SAMPLE, Traffic, TrafficTable
 from questsig.settings import DEFAULT_MAX_SEND_BUFFER, DEFAULT_OPEN_HANDSHAKE_TIMEOUT
 
 log = Logger()
+
+#: client frames shorter than this are unmasked in Python (:class:`_SmallMasker`)
+SMALL_FRAME = 1024
+
+
+class _SmallMasker:
+    """Unmasks a short client frame with one big-integer XOR. Autobahn's cffi masker costs
+    about 5 µs to set up for every frame, more than this whole XOR below about 1 KiB; above
+    it the cffi one is faster. Autobahn may feed a frame in several pieces: the offset into
+    the mask carries over."""
+
+    __slots__ = ("_mask", "_ptr")
+
+    def __init__(self, mask: bytes):
+        self._mask = bytes(mask)
+        self._ptr = 0
+
+    def pointer(self) -> int:
+        return self._ptr
+
+    def reset(self) -> None:
+        self._ptr = 0
+
+    def process(self, data: bytes) -> bytes:
+        n = len(data)
+        shift = self._ptr & 3
+        mask = self._mask[shift:] + self._mask[:shift]
+        self._ptr += n
+        return (int.from_bytes(data, "little")
+                ^ int.from_bytes((mask * ((n >> 2) + 1))[:n], "little")).to_bytes(n, "little")
+
+
+class _LazyFormat:
+    """pprint.pformat, run only if the text is ever used."""
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value: Any, *args: Any, **kwargs: Any):
+        self._value = value
+
+    def __str__(self) -> str:
+        return pprint.pformat(self._value)
+
+    __repr__ = __str__
+
+    def __format__(self, spec: str) -> str:
+        return format(str(self), spec)
+
+
+def _tune_autobahn() -> None:
+    """Autobahn's per-frame costs that questsig does not need, removed once per process:
+    a cffi masker built for every short client frame, and the highlighted names and
+    pretty-printed options it formats for debug log lines (built even though those lines are
+    dropped)."""
+    from autobahn.twisted import websocket as twisted_websocket
+    from autobahn.websocket import protocol
+
+    if getattr(protocol, "_questsig_tuned", False):
+        return
+    create = protocol.create_xor_masker
+
+    def create_xor_masker(mask: bytes, length: int | None = None) -> Any:
+        if length is not None and length < SMALL_FRAME:
+            return _SmallMasker(mask)
+        return create(mask, length)
+
+    def unhighlighted(value: Any, *args: Any, **kwargs: Any) -> Any:
+        return value
+
+    protocol.create_xor_masker = create_xor_masker
+    # every connection's options, pretty-printed for a debug line: a quarter of a handshake
+    protocol.pformat = _LazyFormat
+    for module in (protocol, twisted_websocket):
+        module.hltype = module.hlval = unhighlighted
+    protocol._questsig_tuned = True
+
+
+_tune_autobahn()
 
 
 class _AutobahnLog:
@@ -98,6 +182,9 @@ class RequestInfo:
     mount: Mount
     #: the client's address, for logs only when request logging is on
     client: str
+    #: the client's IP address as the limits see it (:func:`questsig.limits.client_address`):
+    #: the PROXY protocol's source or, behind a trusted proxy, from X-Forwarded-For
+    address: str = ""
 
 
 class ConnectionSet:
@@ -106,11 +193,15 @@ class ConnectionSet:
     def __init__(self) -> None:
         self._open: set[Connection] = set()
         self._waiters: list[defer.Deferred[None]] = []
+        #: per-mount counters for /metrics (questsig.metrics)
+        self.traffic = TrafficTable()
         #: set once shutdown starts, so modes can skip the notices a normal leave sends
         self.shutting_down = False
         #: with request logging on, Autobahn's per-connection warnings (which name the client's
         #: address) are logged too
         self.log_requests = False
+        #: the top-level ``trusted-proxies``: peers whose X-Forwarded-For names the client
+        self.trusted_proxies: tuple[Any, ...] = ()
 
     def __len__(self) -> int:
         return len(self._open)
@@ -184,6 +275,17 @@ class Connection(WebSocketServerProtocol):
     _buffer_watch: _SendBufferWatch | None = None
     _detached = False
     _reading_paused = False
+    #: the message token bucket, as the time it is full again (a GCRA); with ``_heard`` (the
+    #: time of the last frame from the client) all the per-message state of the limits
+    _budget_at = 0.0
+    _heard = 0.0
+    _idle_call: Any = None
+    #: (limits, key) of the per-address count this connection holds
+    _address_hold: tuple[AddressLimits, str] | None = None
+    #: the counters of this connection's mount once it is open; until then a sink nobody reads
+    _traffic = Traffic("", "")
+    #: time.monotonic() when the upgrade request reached its resource
+    _upgrade_started: float | None = None
 
     def connectionMade(self) -> None:
         self.log = _AUTOBAHN_LOG_VERBOSE if self.factory.connections.log_requests else _AUTOBAHN_LOG
@@ -205,14 +307,30 @@ class Connection(WebSocketServerProtocol):
 
     def onOpen(self) -> None:
         self.factory.connections.add(self)
+        if self.request is not None:
+            mount = self.request.mount
+            traffic = self._traffic = self.factory.connections.traffic.for_mount(
+                mount.mode, mount.endpoint)
+            traffic.opened += 1
+            if self._upgrade_started is not None:
+                traffic.handshake.observe(time.monotonic() - self._upgrade_started)
         if self.factory.connections.shutting_down:
             # a handshake that completed after shutdown closed every socket
             self.close(GOING_AWAY, "server shutting down")
             return
+        self._heard = self._budget_at = monotonic()
+        idle = self.factory.idle_timeout
+        if idle:
+            self._idle_call = self.factory.reactor.callLater(idle, self._idle_check)
         self._contained("failed to open a connection", self.opened)
 
     def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
         self.factory.connections.discard(self)
+        traffic = self._traffic
+        traffic.closed += 1
+        # the code of the closing handshake this side started, else the client's (or 1006)
+        traffic.closes[self.localCloseCode if self.closedByMe and self.localCloseCode
+                       else code or WebSocketProtocol.CLOSE_STATUS_CODE_ABNORMAL_CLOSE] += 1
         self._detach()
 
     def sendCloseFrame(self, code: int | None = None, reasonUtf8: bytes | None = None,
@@ -232,12 +350,27 @@ class Connection(WebSocketServerProtocol):
     def _detach(self) -> None:
         if not self._detached:
             self._detached = True
+            if self._idle_call is not None and self._idle_call.active():
+                self._idle_call.cancel()
             self.closed()
+
+    def connectionLost(self, reason: Any) -> None:
+        super().connectionLost(reason)
+        hold, self._address_hold = self._address_hold, None
+        if hold is not None:
+            hold[0].release(hold[1])
 
     def onCloseFrame(self, code: int | None, reasonRaw: bytes | None) -> bool | None:
         # Autobahn answers an invalid Close with 1002/1007 but then takes that Close for the
         # reply to its own and aborts TCP, and the reset destroys the answer before the client
         # reads it: send the answer and let TCP close after it is written.
+        frame = self.current_frame
+        if frame is not None and frame.length == 1:
+            # no room for a code: Autobahn has already sent 1002 for the frame header
+            self.wasClean = False
+            self.close(PROTOCOL_ERROR, "invalid close frame")
+            self.dropConnection(abort=False)
+            return True
         if self.state == WebSocketProtocol.STATE_OPEN:
             fault = close_frame_fault(code, reasonRaw)
             if fault is not None:
@@ -247,8 +380,84 @@ class Connection(WebSocketServerProtocol):
                 return True
         return super().onCloseFrame(code, reasonRaw)
 
+    # Autobahn keeps a message's frames, and each frame's reads, as lists of bytes objects:
+    # 2-byte fragments cost about 28 times their size. One bytearray per message holds about
+    # what was received; Autobahn still counts the total against max_message_size (1009).
+    _message: bytes | bytearray | None = None
+
+    def onMessageBegin(self, isBinary: bool) -> None:
+        super().onMessageBegin(isBinary)
+        self._message = b""
+
+    def onMessageFrameData(self, payload: bytes) -> None:
+        message = self._message
+        if self.failedByMe:
+            self._message = None
+        elif message is None:
+            pass
+        elif not message:
+            # most messages come in one piece: kept as it is, not copied
+            self._message = payload
+        elif isinstance(message, bytearray):
+            message += payload
+        else:
+            self._message = bytearray(message) + payload
+
+    def onMessageFrame(self, payload: list[bytes]) -> None:
+        pass  # its data is in _message already
+
+    def onMessageEnd(self) -> None:
+        # Autobahn's own onMessageEnd also fires its "message" observers, which questsig never
+        # registers: a Deferred and two callbacks per message for nothing
+        message, self._message = self._message, None
+        if not self.failedByMe and message is not None:
+            self._onMessage(bytes(message) if isinstance(message, bytearray) else message,
+                            self.message_is_binary)
+        self.message_data = None
+
     def _onMessage(self, payload: bytes, isBinary: bool) -> None:
+        now = self._heard = monotonic()
+        interval = self.factory.message_interval
+        if interval:
+            # a token bucket kept as the time it is full again: each message moves that time
+            # one interval on; more than a burst's worth ahead is a flood
+            full_at = (self._budget_at if self._budget_at > now else now) + interval
+            if full_at - now > self.factory.message_window:
+                if self.state == WebSocketProtocol.STATE_OPEN:
+                    self._contained("failed to refuse a flood", self.rate_limited)
+                return
+            self._budget_at = full_at
+        traffic = self._traffic
+        traffic.received += 1
+        if traffic.received & (ROUTING_SAMPLE - 1):
+            self._contained("failed to handle a message", self.onMessage, payload, isBinary)
+            return
+        started = time.perf_counter()
         self._contained("failed to handle a message", self.onMessage, payload, isBinary)
+        traffic.routing.observe(time.perf_counter() - started)
+
+    def _onMessageFrameBegin(self, length: int) -> None:
+        self._heard = monotonic()
+        super()._onMessageFrameBegin(length)
+
+    def _onPing(self, payload: bytes) -> None:
+        self._heard = monotonic()
+        super()._onPing(payload)
+
+    def _onPong(self, payload: bytes) -> None:
+        self._heard = monotonic()
+        super()._onPong(payload)
+
+    def _idle_check(self) -> None:
+        self._idle_call = None
+        if self.state != WebSocketProtocol.STATE_OPEN:
+            return
+        idle = self.factory.idle_timeout
+        quiet = monotonic() - self._heard
+        if quiet >= idle:
+            self.close(GOING_AWAY, "idle timeout")
+        else:
+            self._idle_call = self.factory.reactor.callLater(idle - quiet, self._idle_check)
 
     def _contained(self, failure: str, handler: Callable[..., None], *args: Any) -> None:
         try:
@@ -322,17 +531,25 @@ class Connection(WebSocketServerProtocol):
             self.sendMessage(payload, isBinary=binary)
         finally:
             self.maxMessagePayloadSize = limit
+        self._traffic.sent += 1
 
     def send_prepared(self, prepared: Any, size: int) -> None:
         """Like :meth:`send`, for a frame built once with ``factory.prepareMessage``."""
         if self.state != WebSocketProtocol.STATE_OPEN or self._over_send_limit(size):
             return
         self.sendPreparedMessage(prepared)
+        self._traffic.sent += 1
 
     def sendPong(self, payload: bytes | None = None) -> None:
         # a client that sends Pings and never reads would otherwise pile up Pongs unbounded
         if not self._over_send_limit(2 + len(payload or b"")):
             super().sendPong(payload)
+
+    def rate_limited(self) -> None:
+        """The client sent more than ``messages-per-second`` allows (after its burst); the
+        message was dropped. Modes whose protocol has an error message override this to send
+        it first, then call this: it closes with 1008 ``rate limit``."""
+        self.close(POLICY_VIOLATION, "rate limit")
 
     def send_buffer_overflow(self) -> None:
         """The receiver let more than ``max_send_buffer`` bytes pile up unsent; modes whose
@@ -407,7 +624,10 @@ def close_frame_fault(code: int | None, reason: bytes | None) -> tuple[int, str]
 _LIMITS = {settings.MAX_MESSAGE_SIZE: "max_message_size", settings.PING_INTERVAL: "ping_interval",
            settings.PING_TIMEOUT: "ping_timeout",
            settings.OPEN_HANDSHAKE_TIMEOUT: "open_handshake_timeout",
-           settings.MAX_SEND_BUFFER: "max_send_buffer"}
+           settings.MAX_SEND_BUFFER: "max_send_buffer",
+           settings.MESSAGES_PER_SECOND: "messages_per_second",
+           settings.MESSAGES_BURST: "messages_burst",
+           settings.IDLE_TIMEOUT: "idle_timeout"}
 
 
 def limits(mount_settings: Mapping[str, Any]) -> dict[str, Any]:
@@ -424,6 +644,9 @@ def make_factory(protocol: type[Connection], connections: ConnectionSet, *,
                  close_handshake_timeout: float = 5,
                  max_send_buffer: int = DEFAULT_MAX_SEND_BUFFER,
                  utf8_validate: bool = True,
+                 messages_per_second: float = 0,
+                 messages_burst: int = 1,
+                 idle_timeout: float = 0,
                  **attributes: Any) -> WebSocketServerFactory:
     """An Autobahn factory with questsig's defaults; ``attributes`` are set on it for the
     protocol to find (``factory.core``, ``factory.mount``, ...)."""
@@ -439,6 +662,9 @@ def make_factory(protocol: type[Connection], connections: ConnectionSet, *,
         closeHandshakeTimeout=close_handshake_timeout,
         utf8validateIncoming=utf8_validate,
         echoCloseCodeReason=True,
+        # Origin ``null`` / ``file://`` (pages from disk, sandboxed iframes, Electron): a
+        # listener's ``origins`` is checked before the upgrade, Autobahn checks nothing
+        allowNullOrigin=True,
     )
     factory.server = "questsig"
     # Autobahn's batched timer truncates every deadline to a whole second, so a 1 s ping
@@ -446,9 +672,24 @@ def make_factory(protocol: type[Connection], connections: ConnectionSet, *,
     factory._batched_timer = ExactTimer(factory.reactor)
     factory.connections = connections
     factory.max_send_buffer = max_send_buffer
+    # the message token bucket: one message per interval, up to a burst's worth at once
+    factory.message_interval = 1.0 / messages_per_second if messages_per_second else 0.0
+    factory.message_window = max(1, messages_burst) * factory.message_interval
+    factory.idle_timeout = idle_timeout
     for name, value in attributes.items():
         setattr(factory, name, value)
+    # Autobahn copies each of its options from the factory onto every connection that lacks
+    # it, about 3 KiB of instance dictionary per connection: a class of this factory's own
+    # has them all, once
+    factory.protocol = type(protocol.__name__, (protocol,), {
+        "__module__": protocol.__module__, "__qualname__": protocol.__qualname__,
+        **{name: _class_option(getattr(factory, name)) for name in protocol.CONFIG_ATTRS}})
     return factory
+
+
+def _class_option(value: Any) -> Any:
+    # a function option (perMessageCompressionAccept) must not become a method of the class
+    return staticmethod(value) if isinstance(value, types.FunctionType) else value
 
 
 def is_upgrade(request: Any) -> bool:
@@ -479,6 +720,21 @@ class WebSocketResource(Resource):
         # a mode that checks access itself, earlier, turns the check here off
         self._bind = bind
         self._check_access = check_access
+        #: open connections and recent upgrades per client address; None when both are off
+        self.address_limits = AddressLimits.from_settings(mount.settings)
+
+    def address_refusal(self, request: Any, address: str) -> bytes | None:
+        """The 429 answer (status and headers set) to an upgrade from an address past the
+        mount's ``max-connections-per-address`` or ``connections-per-address-per-second``."""
+        if self.address_limits is None:
+            return None
+        reason = self.address_limits.admit(limit_key(address))
+        if reason is None:
+            return None
+        request.setResponseCode(429)
+        request.setHeader(b"content-type", b"text/plain; charset=utf-8")
+        request.setHeader(b"retry-after", b"1")
+        return reason.capitalize().encode() + b"\n"
 
     def origin_refusal(self, request: Any) -> bytes | None:
         """The 403 answer (status and headers set) to a browser from an origin the mount's
@@ -511,6 +767,7 @@ class WebSocketResource(Resource):
         return None
 
     def render(self, request: Any) -> Any:
+        started = time.monotonic()
         if not is_upgrade(request) or request.channel.transport is None:
             if self._plain is not None:
                 return self._plain(request)
@@ -518,7 +775,11 @@ class WebSocketResource(Resource):
             request.setHeader(b"upgrade", b"websocket")
             request.setHeader(b"content-type", b"text/plain; charset=utf-8")
             return b"This is a WebSocket endpoint.\n"
-        refused = self.origin_refusal(request)
+        address = request_address(request, self.factory.connections.trusted_proxies)
+        # the cheapest refusal first: a flood must not reach token checks or the mode
+        refused = self.address_refusal(request, address)
+        if refused is None:
+            refused = self.origin_refusal(request)
         if refused is None and self._check_access:
             refused = self.access_refusal(request)
         if refused is not None:
@@ -534,13 +795,20 @@ class WebSocketResource(Resource):
                 return body
 
         protocol = self.factory.buildProtocol(request.transport.getPeer())
-        peer = request.transport.getPeer()
+        protocol._upgrade_started = started
+        peer = request.getClientAddress()
         protocol.request = RequestInfo(
             raw_target=request.uri,
             subpath=b"/" + b"/".join(request.postpath),
             mount=self.mount,
-            client=f"{getattr(peer, 'host', '?')}:{getattr(peer, 'port', '?')}",
+            client=(f"{getattr(peer, 'host', '?')}:{getattr(peer, 'port', '?')}"
+                    if address == getattr(peer, "host", None) else address),
+            address=address,
         )
+        if self.address_limits is not None:
+            key = limit_key(address)
+            self.address_limits.hold(key)
+            protocol._address_hold = (self.address_limits, key)
 
         transport, request.channel.transport = request.channel.transport, None
         if isinstance(transport, ProtocolWrapper):
@@ -562,6 +830,12 @@ class WebSocketResource(Resource):
         for name, values in request.requestHeaders.getAllRawHeaders():
             data += name + b": " + b",".join(values) + b"\r\n"
         data += b"\r\n"
+        # frames a client sent right behind its handshake were read with it: twisted.web keeps
+        # them for a next request that never comes, so hand them on, or they are lost
+        channel = request.channel
+        data += channel.clearLineBuffer() + b"".join(getattr(channel, "_dataBuffer", ()))
+        if hasattr(channel, "_dataBuffer"):
+            del channel._dataBuffer[:]
         protocol.dataReceived(data)
         return NOT_DONE_YET
 

@@ -39,6 +39,16 @@ async def closed_with(ws: Any, timeout: float = TIMEOUT) -> tuple[int | None, st
         return (rcvd.code, rcvd.reason) if rcvd is not None else (None, "")
 
 
+async def close_all(sockets: list[Any], timeout: float = TIMEOUT) -> None:
+    """Close each of ``sockets`` cleanly, or drop it when its closing handshake hangs or its
+    server is already gone."""
+    for ws in sockets:
+        try:
+            await asyncio.wait_for(ws.close(), timeout)
+        except (asyncio.TimeoutError, OSError):
+            ws.transport.abort()
+
+
 async def echo_round_trip(ws: Any) -> None:
     """A hub one-to-self round trip: everything ``ws`` sent before has been routed."""
     marker = '{"protocol":"one-to-self","data":"%s"}' % os.urandom(4).hex()

@@ -19,7 +19,7 @@ import subprocess
 import sys
 import threading
 from pathlib import Path
-from typing import Any, Callable, Coroutine, Iterator
+from typing import Any, AsyncIterator, Callable, Coroutine, Iterator
 
 import pytest
 import pytest_twisted
@@ -266,3 +266,21 @@ def spawn_twistd(tmp_path: Path) -> Iterator[Callable[..., Twistd]]:
         if t.proc.poll() is None:
             t.proc.kill()
             t.proc.wait()
+
+
+@pytest.fixture(scope="module")
+async def chromium() -> AsyncIterator[Any]:
+    """One headless Chromium per test module (a module may override it, e.g. to trust a CA)."""
+    from browsers import launch_chromium
+
+    async with launch_chromium() as browser:
+        yield browser
+
+
+@pytest.fixture
+async def browser(chromium: Any) -> AsyncIterator[Any]:
+    """A fresh browser context per test."""
+    from browsers import fresh_context
+
+    async with fresh_context(chromium) as context:
+        yield context

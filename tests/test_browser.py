@@ -12,25 +12,17 @@ import struct
 import zlib
 from pathlib import Path
 from typing import Any, AsyncIterator, Awaitable, Callable
-from urllib.parse import urlencode
 
 import pytest
 from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
 
+from browsers import (WAIT_MS, chat, connect, demo_url, frames, launch_chromium, needs_chromium,
+                      open_connected, open_demo, until, wait_channel_open)
 from certs import TestPKI, make_pki
 from questsig import app
 
-CHROMIUM = Path("/usr/bin/chromium")
-pytestmark = pytest.mark.skipif(not CHROMIUM.exists(),
-                                reason="needs Debian's chromium at /usr/bin/chromium")
+pytestmark = needs_chromium
 
-CHROMIUM_FLAGS = [
-    "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-    "--disable-component-update", "--disable-sync", "--no-first-run",
-    # two pages on one machine with no network: host candidates on loopback, no mDNS names
-    "--allow-loopback-in-peer-connection", "--disable-features=WebRtcHideLocalIpsWithMdns",
-]
-WAIT_MS = 15000
 #: the modes /client.js speaks (peerjs users bring the peerjs library: tests/peerjs/)
 AVAILABLE = [m for m in app.available() if m != "peerjs"]
 
@@ -43,73 +35,13 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> TestPKI:
 
 @pytest.fixture(scope="module")
 async def chromium(pki: TestPKI) -> AsyncIterator[Any]:
-    from playwright.async_api import async_playwright
-
-    async with async_playwright() as playwright:
-        trust = f"--ignore-certificate-errors-spki-list={pki.leaf_spki_sha256_b64}"
-        browser = await playwright.chromium.launch(executable_path=str(CHROMIUM),
-                                                   args=CHROMIUM_FLAGS + [trust])
+    """Chromium that trusts the test's TLS leaf (the conftest one trusts nothing extra)."""
+    trust = f"--ignore-certificate-errors-spki-list={pki.leaf_spki_sha256_b64}"
+    async with launch_chromium([trust]) as browser:
         yield browser
-        await browser.close()
-
-
-@pytest.fixture
-async def browser(chromium: Any) -> AsyncIterator[Any]:
-    """A fresh browser context (own storage) per test. Playwright's waits evaluate strings,
-    which the demo's Content-Security-Policy forbids, so these contexts bypass it; the
-    screenshot test runs the page under its policy."""
-    context = await chromium.new_context(bypass_csp=True)
-    context.set_default_timeout(WAIT_MS)
-    yield context
-    await context.close()
 
 
 # -- driving the demo page -----------------------------------------------------------------------
-
-
-async def until(page: Any, condition: str, arg: Any = None) -> None:
-    """Wait for a JavaScript condition, polling on a timer: background tabs get no
-    animation frames, which the default polling waits for."""
-    await page.wait_for_function(condition, arg=arg, polling=50)
-
-
-def demo_url(server: Any, scheme: str, **params: str) -> str:
-    return server.url("/demo/", scheme=scheme) + ("?" + urlencode(params) if params else "")
-
-
-async def open_demo(browser: Any, url: str) -> Any:
-    page = await browser.new_page()
-    await page.goto(url)
-    await until(page, "window.demo && window.demo.loaded === true")
-    return page
-
-
-async def connect(page: Any) -> None:
-    await page.click("#connect")
-    await until(page, "window.demo.opens >= 1")
-
-
-async def open_connected(browser: Any, url: str) -> Any:
-    page = await open_demo(browser, url)
-    await connect(page)
-    return page
-
-
-async def wait_channel_open(*pages: Any) -> None:
-    for page in pages:
-        await until(page, "window.demo.channel === 'open'")
-
-
-async def chat(sender: Any, receiver: Any, text: str) -> None:
-    # a background tab gets no animation frames, which Playwright's actions wait for
-    await sender.bring_to_front()
-    await sender.fill("#text", text)
-    await sender.click("#send")
-    await until(receiver, "t => window.demo.received.includes(t)", text)
-
-
-async def frames(page: Any, kind: str) -> list[str]:
-    return [f["text"] for f in await page.evaluate("window.demo.frames") if f["kind"] == kind]
 
 
 async def pair_hub(browser: Any, url: Callable[..., str]) -> tuple[Any, Any]:

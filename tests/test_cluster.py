@@ -10,13 +10,14 @@ from typing import Any, Callable, Iterator
 
 import pytest
 import pytest_twisted
+import websockets
 from twisted.internet.defer import Deferred
 from twisted.logger import LogLevel, formatEvent, globalLogPublisher
 
 from cluster import eventually
 from conftest import twistd_path
 from questsig import config
-from questsig.cluster import Cluster, ClusterUnavailable, CommandError
+from questsig.cluster import Cluster, ClusterUnavailable, CommandError, Requests
 from questsig.settings import ConfigError
 
 TIMEOUT = 2.0  # node-timeout in these tests: a dead node is reaped within a few seconds
@@ -402,6 +403,27 @@ async def test_the_password_is_never_logged(nodes, redis_server, cluster_log) ->
     assert all("secret" not in line for line in lines), lines
 
 
+async def test_a_password_in_the_query_is_never_logged(nodes, redis_server, cluster_log) -> None:
+    """A password given as the URL's ``password`` parameter (as redis-py reads it) is used and
+    is in no line logged at start or on an outage."""
+    admin = nodes("admin")
+    await limited_user(admin)
+    url = f"redis://questsig@127.0.0.1:{redis_server.port}/0?password=secret"
+    node = Cluster(url, admin.reactor, node_id="q", node_timeout=TIMEOUT)
+    seen = Events()
+    node.on_availability(seen)
+    node.startService()
+    try:
+        assert await wait(node.call("ACL", "WHOAMI")) == b"questsig"
+        redis_server.kill()
+        await seen.wait_for(lambda items: items == [False], 5)
+    finally:
+        await wait(node.stopService())
+    lines = lines_of(cluster_log, node)
+    assert len(lines) == 2, lines
+    assert all("secret" not in line for line in lines), lines
+
+
 # -- in-process servers and twistd ----------------------------------------------------------------
 
 async def test_serve_builds_nodes(serve, redis_server) -> None:
@@ -483,3 +505,54 @@ async def test_twistd_node_killed_is_reaped_by_one_survivor(spawn_twistd, nodes,
     assert elapsed < TIMEOUT + 4
     assert two.stop() in (0, -15)
     assert "Traceback" not in two.output
+
+
+async def test_twistd_stops_promptly_on_sigterm_with_redis_gone(spawn_twistd, redis_server) -> None:
+    """A twistd node serving every mode stops within a few seconds of SIGTERM when Redis has
+    just died (SIGKILL), before and after the node noticed, or hangs (SIGSTOP)."""
+    mounts = ["--mount", "/h=hub", "--mount", "/p=pair-relay", "--mount", "/r=router",
+              "--mount", "/s=sigver", "--mount", "/f=fledger", "--mount", "/j=peerjs"]
+    for notice in ("hung", False, True):
+        if redis_server.running and notice != "hung":
+            redis_server.proc.send_signal(signal.SIGCONT)
+            redis_server.kill()
+        if not redis_server.running:
+            await asyncio.to_thread(redis_server.start)
+        node = spawn_twistd("--endpoint", ANY_PORT, *mounts, "--redis", redis_server.url,
+                            "--node-timeout", "15", "--node-id", f"stopping{notice}")
+        port = await asyncio.to_thread(node.wait_listening)
+        clients = [await websockets.connect(f"ws://127.0.0.1:{port}{path}")
+                   for path in ("/h/?user=alice", "/p/room", "/p/room", "/s/group")]
+        await asyncio.sleep(0.5)  # every join answered while Redis is there
+        if notice == "hung":
+            redis_server.proc.send_signal(signal.SIGSTOP)
+        else:
+            redis_server.kill()
+        if notice is True:
+            await eventually(lambda: "unreachable" in node.output, 10, "the outage noticed")
+        started = time.monotonic()
+        assert await asyncio.to_thread(node.stop, signal.SIGTERM, 30) in (0, -15)
+        took = time.monotonic() - started
+        for ws in clients:
+            ws.transport.abort()
+        # a hung Redis is given up on after one answer timeout (node-timeout / 3, at most 5 s)
+        bound = 7 if notice == "hung" else 3
+        assert took < bound, f"stopping took {took:.1f} s:\n{node.output}"
+        assert "Traceback" not in node.output, node.output
+
+
+async def test_requests_forget_nodes_silent_long_ago(nodes) -> None:
+    """Nodes that left requests unanswered are remembered as silent for node-timeout only:
+    a cluster whose nodes come and go keeps no record of every node that ever went silent."""
+    from twisted.internet import reactor
+
+    a = nodes("a", node_timeout=1)
+    await wait(a.call("PING"))
+    requests = Requests(a, reactor, "t", timeout=0.05)
+    for n in range(20):
+        assert await wait(requests.ask(f"gone{n}", "o")) is None
+    assert requests.is_silent("gone19")
+    await asyncio.sleep(1.1)
+    assert await wait(requests.ask("gone-last", "o")) is None
+    assert set(requests.silent) == {"gone-last"}
+    assert requests.waiting == {}

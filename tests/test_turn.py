@@ -19,7 +19,7 @@ import struct
 import subprocess
 import time
 from pathlib import Path
-from typing import Any, AsyncIterator, Callable, Iterator
+from typing import Any, Callable, Iterator
 
 import pytest
 
@@ -28,7 +28,7 @@ from conftest import LOCAL, twistd_path
 from questsig import auth, config, turn
 from questsig.settings import ConfigError
 from questsig.tap import Options
-from test_browser import CHROMIUM, CHROMIUM_FLAGS, WAIT_MS, chat, demo_url, open_connected, until
+from browsers import chat, demo_url, needs_chromium, open_connected, until
 
 TURNSERVER = shutil.which("turnserver") or "/usr/bin/turnserver"
 SECRET = "questsig-turn-test-secret"
@@ -426,8 +426,6 @@ class TurnServer:
 
 needs_coturn = pytest.mark.skipif(not Path(TURNSERVER).exists(),
                                   reason="needs Debian's coturn (turnserver)")
-needs_chromium = pytest.mark.skipif(not CHROMIUM.exists(),
-                                    reason="needs Debian's chromium at /usr/bin/chromium")
 
 
 @pytest.fixture(scope="module")
@@ -435,26 +433,6 @@ def turnserver(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TurnServer]
     server = TurnServer(tmp_path_factory.mktemp("coturn"), SECRET)
     yield server
     server.stop()
-
-
-@pytest.fixture(scope="module")
-async def chromium() -> AsyncIterator[Any]:
-    from playwright.async_api import async_playwright
-
-    async with async_playwright() as playwright:
-        browser = await playwright.chromium.launch(executable_path=str(CHROMIUM),
-                                                   args=CHROMIUM_FLAGS)
-        yield browser
-        await browser.close()
-
-
-@pytest.fixture
-async def browser(chromium: Any) -> AsyncIterator[Any]:
-    """A fresh context per test; Playwright's string waits need the demo's CSP bypassed."""
-    context = await chromium.new_context(bypass_csp=True)
-    context.set_default_timeout(WAIT_MS)
-    yield context
-    await context.close()
 
 
 async def hub_call(browser: Any, server: Any, **params: str) -> tuple[Any, Any]:

@@ -41,7 +41,8 @@ def test_help_reads_cleanly(tmp_path) -> None:
     out = subprocess.run([twistd_path(), "questsig", "--help"], cwd=tmp_path,
                          capture_output=True, text=True, timeout=60).stdout
     options = out.split("Options:\n", 1)[1].split("\n\n", 1)[0].splitlines()
-    column = re.match(r" *-c, --config= +", options[0]).end()
+    # options are listed by name; --config's line shows where descriptions start
+    column = next(m.end() for line in options if (m := re.match(r" *-c, --config= +", line)))
     descriptions: dict[str, str] = {}
     name = ""
     for line in options:

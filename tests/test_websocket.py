@@ -1,6 +1,8 @@
 """The Autobahn glue every mode shares (questsig.websocket), end to end through the hub."""
 from __future__ import annotations
 
+import tracemalloc
+
 import websockets
 from twisted.logger import globalLogPublisher
 
@@ -89,3 +91,71 @@ async def test_upgrade_completed_during_shutdown_gets_1001(serve) -> None:
     async with websockets.connect(server.url("/?user=late")) as late:
         assert (await closed_with(late))[0] == 1001
     assert not server.call(lambda: "late" in hub.names)
+
+
+def _fragment(opcode: int, payload: bytes, fin: bool = False) -> bytes:
+    """One masked client frame (all-zero mask), FIN as given."""
+    assert len(payload) < 126
+    return bytes([(0x80 if fin else 0) | opcode, 0x80 | len(payload)]) + bytes(4) + payload
+
+
+async def test_a_close_frame_with_a_one_byte_payload_gets_1002(serve) -> None:
+    """A Close whose payload is one byte (no room for a code) is answered with a 1002 Close
+    before TCP closes, as RFC 6455 asks."""
+    server = serve(mounts=["/=hub"])
+    raw = await RawWebSocket.connect(server.port(), b"/?user=a")
+    try:
+        assert raw.status == 101
+        await raw.send_frame(0x8, b"\x03")
+        opcode, payload = await raw.read_frame()
+        assert opcode == 0x8
+        assert int.from_bytes(payload[:2], "big") == 1002
+    finally:
+        raw.close()
+
+
+async def test_an_unfinished_fragmented_message_holds_about_its_size_limit(serve) -> None:
+    """2-byte fragments of a message that never ends hold about max_message_size of server
+    memory, not many times it; once their total passes the limit the connection is closed
+    with 1009."""
+    limit = 64 * 1024
+    server = serve(mounts=["/=hub"], sets=[f"hub.max_message_size={limit}"])
+    raw = await RawWebSocket.connect(server.port(), b"/?user=a")
+    tracemalloc.start()
+    try:
+        assert raw.status == 101
+        frames = [_fragment(0x2, b"ab")]
+        frames += [_fragment(0x0, b"ab")] * (limit // 2 - 2)
+        before = tracemalloc.get_traced_memory()[0]
+        for start in range(0, len(frames), 4096):
+            raw.writer.write(b"".join(frames[start:start + 4096]))
+            await raw.writer.drain()
+        # a Ping answered means every fragment before it has been read
+        await raw.send_frame(0x9, b"sync")
+        assert await raw.read_frame(timeout=60) == (0xA, b"sync")
+        held = tracemalloc.get_traced_memory()[0] - before
+        assert held < 3 * limit, f"{held} bytes held for a {limit}-byte limit"
+        raw.writer.write(_fragment(0x0, b"abcdef"))
+        await raw.writer.drain()
+        opcode, payload = await raw.read_frame()
+        assert opcode == 0x8
+        assert int.from_bytes(payload[:2], "big") == 1009
+    finally:
+        tracemalloc.stop()
+        raw.close()
+
+
+async def test_a_compression_offer_is_declined_not_fatal(serve) -> None:
+    """A client offering permessage-deflate (browsers and most libraries do) gets its handshake
+    answered without the extension, and messages flow."""
+    server = serve(mounts=["/=hub"])
+    raw = await RawWebSocket.connect(
+        server.port(), b"/?user=deflater",
+        headers=b"Sec-WebSocket-Extensions: permessage-deflate; client_max_window_bits\r\n")
+    try:
+        assert raw.status == 101
+        assert b"sec-websocket-extensions" not in raw.head.lower()
+        await raw.send_frame(0x1, b'{"protocol":"one-to-self","n":1}')
+        assert await raw.read_frame() == (0x1, b'{"protocol":"one-to-self","n":1}')
+    finally:
+        raw.close()

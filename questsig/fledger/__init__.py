@@ -11,7 +11,7 @@ from questsig.app import Context, ModeService
 from questsig.fledger.adapter import FledgerService
 from questsig.fledger.core import FAMILIES, from_hex
 from questsig.settings import (LISTENER, MODE, Setting, boolean, choice, count, seconds,
-                               websocket_limits, access_settings)
+                               websocket_limits, abuse_limits, access_settings)
 
 NAME = "fledger"
 DEFAULT_PREFIX = "/fledger"
@@ -64,6 +64,7 @@ SETTINGS: tuple[Setting, ...] = (
             "0.10: push the full list to every other node on each announce"),
     *websocket_limits(max_message_size=1048576, ping_interval=0.0, ping_timeout=30.0),
     *access_settings(),
+    *abuse_limits(),
 )
 
 

@@ -13,7 +13,7 @@ from typing import Any, Mapping
 from questsig.app import Context, ModeService
 from questsig.hub.adapter import HubService
 from questsig.settings import (LISTENER, MODE, Setting, boolean, choice, count, optional_text,
-                               seconds, text, websocket_limits, access_settings)
+                               seconds, text, websocket_limits, abuse_limits, access_settings)
 
 NAME = "hub"
 DEFAULT_PREFIX = "/hub"
@@ -59,6 +59,7 @@ SETTINGS: tuple[Setting, ...] = (
             "allow http:// and private or loopback push endpoints (testing only)"),
     *websocket_limits(max_message_size=1048576, ping_interval=30.0, ping_timeout=30.0),
     *access_settings(),
+    *abuse_limits(),
 )
 
 

@@ -29,6 +29,11 @@ class HubConnection(Connection):
         # a message waits on another node (a cluster): read no more until it is handled
         self.pause_reading_until(client.arrivals.drained())
 
+    def rate_limited(self) -> None:
+        if self.client is not None:
+            self.factory.hub.rate_limited(self.client)
+        super().rate_limited()
+
     def closed(self) -> None:
         if self.client is not None:
             self.factory.hub.leave(self.client)

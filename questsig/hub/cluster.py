@@ -32,7 +32,7 @@ from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from questsig.cluster import ClusterUnavailable, Requests, release_node_script
+from questsig.cluster import ClusterUnavailable, Locations, Requests, release_node_script
 from questsig.hub.core import USERNAME_TAKEN, Client, Hub, LocalNameTable
 from questsig.peer import Peer, background
 
@@ -138,7 +138,7 @@ class RedisNameTable(LocalNameTable, Service):
         #: one-to-one sent to another node, waiting for its answer
         self.requests = Requests(cluster, clock, TOPIC, ANSWER_TIMEOUT)
         #: name -> the node last found holding it
-        self.where: dict[str, str] = {}
+        self.where = Locations(MAX_REMEMBERED)
         #: Redis is known to be unreachable (the cluster said so): fail fast without asking
         #: (while the first connection is under way, commands wait for it instead)
         self.down = False
@@ -225,19 +225,22 @@ class RedisNameTable(LocalNameTable, Service):
         if self.down:
             return False
         node = self.where.get(name)
+        if node is not None and not self.cluster.is_alive(node):
+            # only the node that reaped a dead one forgets where it held names: elsewhere the
+            # user may be back on another node, and the dead one would never answer
+            self.where.forget(name)
+            node = None
         if node is not None:
             delivered = await self._deliver(node, name, payload)
             if delivered is not False:
                 # None, no answer in time: not-found, and not sent again (it may have arrived)
                 return bool(delivered)
-            self.where.pop(name, None)  # moved or gone: ask Redis
+            self.where.forget(name)  # moved or gone: ask Redis
         node = await self._locate(name)
         if node is None or node == self.cluster.node_id:
             # our own entry without a local holder: a release still under way
             return False
-        if len(self.where) >= MAX_REMEMBERED:
-            self.where.clear()
-        self.where[name] = node
+        self.where.remember(name, node)
         return bool(await self._deliver(node, name, payload))
 
     def _locate(self, name: str) -> defer.Deferred[str | None]:
@@ -269,8 +272,7 @@ class RedisNameTable(LocalNameTable, Service):
 
     def node_down(self, node: str) -> defer.Deferred[Any]:
         """Free the names a dead node held (run by one survivor)."""
-        for name in [n for n, at in self.where.items() if at == node]:
-            del self.where[name]
+        self.where.forget_node(node)
 
         def freed(names: list[bytes]) -> None:
             if names:

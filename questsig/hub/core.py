@@ -42,6 +42,8 @@ log = Logger()
 # -- exact texts ---------------------------------------------------------------------
 
 USERNAME_TAKEN = "The username is taken"
+#: questsig's own: sent before the 1008 close of a client past messages-per-second
+RATE_LIMITED = "Too many messages"
 INVALID_PROTOCOL = {
     "master": "Invalid protocol, valid protocols include:\n"
               "                            'one-to-one'\n"
@@ -59,6 +61,30 @@ PUSH_REJECTED = {
     "disabled": "Web Push is not enabled on this server",
 }
 PUSH_ACTIONS = ("subscribe-push", "connection-request")
+#: names the hub routes or stores by; a message repeating one is refused (a receiver whose JSON
+#: parser keeps the first would read another message than the one routed)
+ROUTED_FIELDS = ("protocol", "endpoint", "to", "action", "subscriptionData")
+SUBSCRIPTION_FIELDS = ("endpoint", "keys", "p256dh", "auth")
+
+
+_WATCHED = frozenset(ROUTED_FIELDS + SUBSCRIPTION_FIELDS)
+_ROUTED = frozenset(ROUTED_FIELDS)
+
+
+def _repeats_routed_fields(message: dict[str, Any]) -> bool:
+    if strict_json.duplicates(message) & _ROUTED:
+        return True
+    # anything repeated inside a subscription: it is stored and used as the hub read it
+    stack = [message.get("subscriptionData")]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, dict):
+            if strict_json.duplicates(item):
+                return True
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return False
 
 
 def not_found(dialect: str, target: str) -> str:
@@ -73,8 +99,9 @@ def not_found(dialect: str, target: str) -> str:
 class PushSink(Protocol):
     """What the hub asks of Web Push; see :mod:`questsig.hub.push`."""
 
-    def subscribe(self, name: str, data: Any) -> bool:
-        """Store ``data`` as ``name``'s subscription; False if it is not valid."""
+    def subscribe(self, name: str, data: Any) -> defer.Deferred[bool] | bool | None:
+        """Store ``data`` as ``name``'s subscription: falsy if it is not valid, else true or
+        a Deferred firing True once the store holds it (False: the store failed)."""
 
     def connection_request(self, sender: str, target: str, online: bool) -> None:
         """``sender`` asked to connect to ``target``; push if the rules allow."""
@@ -287,13 +314,59 @@ class Hub:
             client.peer.close(1007, "invalid UTF-8")
             return None
         try:
-            message = strict_json.parse(text)
+            message = strict_json.parse(text, _WATCHED)
         except ValueError:
             message = None
         dialect = client.listener.dialect
-        if not isinstance(message, dict):
+        if not isinstance(message, dict) or _repeats_routed_fields(message):
             self._error(client, "invalid-protocol", INVALID_PROTOCOL[dialect])
             return None
+        action = message.get("action")
+        if action == "subscribe-push":
+            return self._subscribe(client, payload, message)
+        routed = self._route(client, payload, message)
+        if action not in PUSH_ACTIONS:
+            return routed
+        if routed is None:
+            return self._push_action(client, message, action)
+        return routed.addCallback(lambda _: self._push_action(client, message, action))
+
+    def _subscribe(self, client: Client, payload: bytes,
+                   message: dict[str, Any]) -> defer.Deferred[Any] | None:
+        # The echo (a one-to-self) is the client's acknowledgement: a valid subscription is
+        # routed only once it is stored. Refused ones are routed first, then refused, as ever.
+        push = self.push
+        refusal = "disabled" if push is None else "anonymous" if client.name is None else None
+        stored = None
+        if push is not None and client.name is not None:
+            stored = push.subscribe(client.name, message.get("subscriptionData"))
+            if not stored:
+                log.info("hub: refused an invalid push subscription")
+                refusal = "invalid-subscription"
+        elif push is not None:
+            log.info("hub: ignored {action} from an anonymous connection", action="subscribe-push")
+        if refusal is not None:
+            routed = self._route(client, payload, message)
+            if routed is None:
+                self._push_rejected(client, refusal)
+                return None
+            return routed.addCallback(lambda _: self._push_rejected(client, refusal))
+        if not isinstance(stored, defer.Deferred):
+            return self._route(client, payload, message)
+
+        def acknowledge(durable: bool) -> defer.Deferred[Any] | None:
+            if not durable:
+                return None  # the store failed and logged it: nothing to acknowledge
+            if not client.open:
+                return None
+            return self._route(client, payload, message)
+
+        return stored.addCallback(acknowledge)
+
+    def _route(self, client: Client, payload: bytes,
+               message: dict[str, Any]) -> defer.Deferred[Any] | None:
+        """Route one parsed message; a Deferred if its delivery waits on the table."""
+        dialect = client.listener.dialect
         protocol = message.get("protocol")
         routed: defer.Deferred[Any] | None = None
         if protocol == "one-to-one":
@@ -312,12 +385,7 @@ class Hub:
             client.peer.send(payload)
         else:
             self._error(client, "invalid-protocol", INVALID_PROTOCOL[dialect])
-        action = message.get("action")
-        if action not in PUSH_ACTIONS:
-            return routed
-        if routed is None:
-            return self._push_action(client, message, action)
-        return routed.addCallback(lambda _: self._push_action(client, message, action))
+        return routed
 
     def _forwarded(self, delivered: bool, client: Client, target: str) -> None:
         if not delivered and client.open:
@@ -344,11 +412,6 @@ class Hub:
             log.info("hub: ignored {action} from an anonymous connection", action=action)
             self._push_rejected(client, "anonymous")
             return None
-        if action == "subscribe-push":
-            if not push.subscribe(sender, message.get("subscriptionData")):
-                log.info("hub: refused an invalid push subscription")
-                self._push_rejected(client, "invalid-subscription")
-            return None
         target = self.target(message, client.listener)
         if target is None:
             return None
@@ -362,6 +425,10 @@ class Hub:
         # plain-text clients never see this: it exists only as a JSON error
         if client.json_errors:
             self._error(client, "push-rejected", PUSH_REJECTED[reason], reason=reason)
+
+    def rate_limited(self, client: Client) -> None:
+        """The error a client sending past ``messages-per-second`` gets before its close."""
+        self._error(client, "rate-limit", RATE_LIMITED)
 
     @staticmethod
     def _error(client: Client, kind: str, message: str, **extra: str) -> None:

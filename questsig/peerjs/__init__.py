@@ -11,8 +11,8 @@ from typing import Any, Mapping
 
 from questsig.app import Context, ModeService
 from questsig.peerjs.adapter import PeerJSService
-from questsig.settings import (MODE, Setting, access_settings, boolean, count, positive, text,
-                               websocket_limits)
+from questsig.settings import (MODE, Setting, abuse_limits, access_settings, boolean, count,
+                               positive, text, websocket_limits)
 
 NAME = "peerjs"
 DEFAULT_PREFIX = "/peerjs"
@@ -50,6 +50,7 @@ SETTINGS: tuple[Setting, ...] = (
             "bytes that may wait for all absent ids together; past it the sender gets EXPIRE"),
     *websocket_limits(max_message_size=1048576, ping_interval=0.0, ping_timeout=30.0),
     *access_settings(),
+    *abuse_limits(),
 )
 
 

@@ -15,7 +15,7 @@ from twisted.logger import Logger
 
 from questsig.app import Context, ModeService, Mount
 from questsig.peer import background
-from questsig.peerjs.core import NO_STATUS, PeerServer, Rules, Session
+from questsig.peerjs.core import NO_STATUS, PeerServer, Rules, Session, error_frame
 from questsig.peerjs.http import PeerJSResource
 from questsig.websocket import Connection, limits, make_factory
 
@@ -23,6 +23,8 @@ log = Logger()
 
 #: how often liveness is checked, as upstream's connection checker does
 ALIVE_CHECK_INTERVAL = 0.3
+#: the ERROR a client past messages-per-second gets before its 1008 close
+RATE_LIMITED = "Too many messages"
 
 
 class PeerJSConnection(Connection):
@@ -41,6 +43,10 @@ class PeerJSConnection(Connection):
                                         self.factory.clock.seconds())
             # frames held behind work that waits on Redis: read no more until handled
             self.pause_reading_until(session.arrivals.drained())
+
+    def rate_limited(self) -> None:
+        self.send(error_frame(RATE_LIMITED))
+        super().rate_limited()
 
     def closed(self) -> None:
         session, self.session = self.session, None

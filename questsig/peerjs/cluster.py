@@ -42,7 +42,7 @@ from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from questsig.cluster import ClusterUnavailable, Requests, release_node_script
+from questsig.cluster import ClusterUnavailable, Locations, Requests, release_node_script
 from questsig.peer import background
 from questsig.peerjs.core import (ID_IS_TAKEN, ID_TAKEN, NEW, NO_STATUS, QUEUED, REATTACH, REFUSED,
                                   REFUSED_AGAIN, TAKEN, FULL, Claimed, Client, Destination,
@@ -245,7 +245,7 @@ class RedisRealm(Service):
         #: frames sent to another node, waiting for its answer
         self.requests = Requests(cluster, clock, TOPIC, ANSWER_TIMEOUT)
         #: id -> the node last found holding it
-        self.where: dict[str, str] = {}
+        self.where = Locations(MAX_REMEMBERED)
         self.id_prefix = _bytes(cluster.key("peerjs", "id", ""))
         self.queue_prefix = _bytes(cluster.key("peerjs", "queue", ""))
         self.told_prefix = _bytes(cluster.key("peerjs", "told", ""))
@@ -339,7 +339,7 @@ class RedisRealm(Service):
     def _hold(self, client: Client, conn: int) -> None:
         self.clients[client.id] = client
         self.conns[client] = conn
-        self.where.pop(client.id, None)
+        self.where.forget(client.id)
 
     def release(self, client: Client) -> None:
         if self.clients.get(client.id) is not client:
@@ -368,11 +368,16 @@ class RedisRealm(Service):
 
     async def _forward(self, dst: str, frame: bytes) -> bool:
         node = self.where.get(dst)
+        if node is not None and not self.cluster.is_alive(node):
+            # only the node that reaped a dead one forgets where it held ids: elsewhere the
+            # id may be back on another node, and the dead one would never answer
+            self.where.forget(dst)
+            node = None
         if node is not None:
             delivered = await self._deliver(node, dst, frame)
             if delivered is not False:
                 return True  # None: no answer in time, it may have arrived
-            self.where.pop(dst, None)  # moved or gone: ask Redis
+            self.where.forget(dst)  # moved or gone: ask Redis
         node = await self._locate(dst)
         if node is None:
             return False
@@ -385,9 +390,7 @@ class RedisRealm(Service):
         delivered = await self._deliver(node, dst, frame)
         if delivered is False:
             return False
-        if len(self.where) >= MAX_REMEMBERED:
-            self.where.clear()
-        self.where[dst] = node
+        self.where.remember(dst, node)
         return True
 
     def _locate(self, id: str) -> defer.Deferred[str | None]:
@@ -508,8 +511,7 @@ class RedisRealm(Service):
 
     def node_down(self, node: str) -> defer.Deferred[Any]:
         """Free the ids a dead node held (run by one survivor)."""
-        for id in [i for i, at in self.where.items() if at == node]:
-            del self.where[id]
+        self.where.forget_node(node)
         self.requests.forget(node)
 
         def freed(ids: list[bytes]) -> None:

@@ -9,8 +9,8 @@ from typing import Any, Mapping
 
 from questsig.app import Context, ModeService
 from questsig.relay.adapter import RelayService
-from questsig.settings import (LISTENER, Setting, access_settings, boolean, choice, positive,
-                               websocket_limits)
+from questsig.settings import (LISTENER, Setting, abuse_limits, access_settings, boolean, choice,
+                               positive, websocket_limits)
 
 NAME = "pair-relay"
 DEFAULT_PREFIX = "/relay"
@@ -26,6 +26,7 @@ SETTINGS: tuple[Setting, ...] = (
     *websocket_limits(max_message_size=65536, ping_interval=30.0, ping_timeout=20.0,
                       too_slow="is closed with 1008"),
     *access_settings(),
+    *abuse_limits(),
 )
 
 

@@ -13,7 +13,7 @@ from questsig.app import Context, ModeService
 from questsig.router.adapter import RouterService
 from questsig.router.core import REG_TYPE_MODES
 from questsig.settings import (LISTENER, Setting, boolean, choice, optional_text, positive, seconds,
-                               text, websocket_limits, access_settings)
+                               text, websocket_limits, abuse_limits, access_settings)
 
 NAME = "router"
 DEFAULT_PREFIX = "/router"
@@ -65,6 +65,7 @@ SETTINGS: tuple[Setting, ...] = (
     *websocket_limits(max_message_size=1048576, ping_interval=30.0, ping_timeout=20.0,
                       too_slow="is closed with 1008"),
     *access_settings(),
+    *abuse_limits(),
 )
 
 

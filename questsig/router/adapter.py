@@ -86,8 +86,10 @@ class RouterService(ModeService):
         reactor = context.reactor
         # Hashing is CPU-bound and scrypt releases the GIL: one thread per core, and its own
         # pool, so that a flood of /register calls cannot starve other users of the reactor's.
-        self.key_threads = Workers(reactor, "router-keys", os.cpu_count() or 2)
-        self.keys = KeyHashing(self.key_threads.run)
+        threads = os.cpu_count() or 2
+        self.key_threads = Workers(reactor, "router-keys", threads)
+        # the queue is kept here, not in the pool's, so that a hash nobody waits for is skipped
+        self.keys = KeyHashing(self.key_threads.run, concurrency=threads)
 
     def router_for(self, settings: Mapping[str, Any]) -> Router:
         path = Path(self.context.state_dir) / settings["store_path"]

@@ -56,12 +56,14 @@ import hashlib
 import hmac
 import os
 import secrets
-from dataclasses import dataclass, replace
+from collections import OrderedDict, deque
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Collection, Iterable, Mapping, Protocol, Sequence
 from urllib.parse import unquote_to_bytes
 
 from twisted.internet import defer
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from questsig.peer import background, send_each
 
@@ -94,6 +96,9 @@ ERROR_STATUS: dict[str, tuple[int, int]] = {
     "InvalidSockType": (500, 400),
     "TooManyConnections": (503, 503),
     "InvalidKey": (500, 403),
+    # questsig's own: key checks are slow, so their queue and each address's failures are bounded
+    "TooManyKeyChecks": (503, 503),
+    "TooManyFailedAttempts": (429, 429),
 }
 
 
@@ -166,20 +171,128 @@ def key_matches(key: str, salt: bytes, digest: bytes) -> bool:
     return hmac.compare_digest(hash_key(key, salt)[1], digest)
 
 
+class Withdrawn(defer.CancelledError):
+    """A hash cancelled while it waited: it was never computed."""
+
+
+#: hashes waiting for a free thread; past it a key check is refused at once (TooManyKeyChecks)
+MAX_QUEUED_HASHES = 64
+
+
 class KeyHashing:
     """Runs the slow hashes through ``run`` (``deferToThread`` in the server, so the event
-    loop never computes one; a plain call in unit tests)."""
+    loop never computes one; a plain call in unit tests), at most ``concurrency`` at a time.
 
-    def __init__(self, run: Callable[..., defer.Deferred[Any]] | None = None):
+    The rest wait in a queue of at most ``max_queued``: a flood of requests then costs a
+    refusal each, not minutes of CPU that legitimate requests wait behind. A waiting hash whose
+    Deferred is cancelled (its client went away) is never computed."""
+
+    def __init__(self, run: Callable[..., defer.Deferred[Any]] | None = None,
+                 concurrency: int = 1, max_queued: int = MAX_QUEUED_HASHES):
         self.run = run or (lambda fn, *args: defer.maybeDeferred(fn, *args))
+        self.concurrency = concurrency
+        self.max_queued = max_queued
+        self.running = 0
+        self.queue: deque[tuple[defer.Deferred[Any], Callable[[], Any]]] = deque()
 
     def hash_pair(self, key: str, host_key: str) -> defer.Deferred[tuple[bytes, ...]]:
         """key salt, key hash, host key salt, host key hash."""
-        return self.run(lambda: (*hash_key(key), *hash_key(host_key)))
+        return self._submit(lambda: (*hash_key(key), *hash_key(host_key)))
 
     def verify(self, checks: Sequence[tuple[str, bytes, bytes]]) -> defer.Deferred[bool]:
         """Whether every (key, salt, hash) matches; all are computed, whichever fails."""
-        return self.run(lambda: all([key_matches(*check) for check in checks]))
+        return self._submit(lambda: all([key_matches(*check) for check in checks]))
+
+    def _submit(self, fn: Callable[[], Any]) -> defer.Deferred[Any]:
+        if self.running >= self.concurrency and len(self.queue) >= self.max_queued:
+            return defer.fail(RouterError("TooManyKeyChecks"))
+        entry: tuple[defer.Deferred[Any], Callable[[], Any]]
+
+        def withdraw(done: defer.Deferred[Any]) -> None:
+            if entry in self.queue:
+                self.queue.remove(entry)
+                done.errback(Withdrawn())
+
+        entry = (defer.Deferred(withdraw), fn)
+        self.queue.append(entry)
+        self._next()
+        return entry[0]
+
+    def _next(self) -> None:
+        while self.running < self.concurrency and self.queue:
+            done, fn = self.queue.popleft()
+            self.running += 1
+            self.run(fn).addBoth(self._finished, done)
+
+    def _finished(self, result: Any, done: defer.Deferred[Any]) -> None:
+        self.running -= 1
+        if not done.called:  # else cancelled while it ran: nobody wants the answer
+            done.callback(result) if not isinstance(result, Failure) else done.errback(result)
+        self._next()
+
+
+#: key checks an address may fail in a row, and how many it is given back per second
+FAILED_ATTEMPTS_BURST = 20
+FAILED_ATTEMPTS_PER_SECOND = 1 / 3
+#: addresses remembered at most (the longest unseen are forgotten first)
+MAX_TRACKED_ADDRESSES = 10_000
+
+
+class FailedAttempts:
+    """A token bucket per client address for key checks: each check takes a token, a check
+    that succeeds (or is withdrawn before it ran) gives it back. An address guessing keys
+    runs dry and is refused before its guesses cost a hash."""
+
+    def __init__(self, clock: Clock, burst: int = FAILED_ATTEMPTS_BURST,
+                 per_second: float = FAILED_ATTEMPTS_PER_SECOND,
+                 max_addresses: int = MAX_TRACKED_ADDRESSES):
+        self.clock = clock
+        self.burst = burst
+        self.per_second = per_second
+        self.max_addresses = max_addresses
+        self._buckets: OrderedDict[str, tuple[float, float]] = OrderedDict()
+
+    def take(self, address: str | None) -> bool:
+        """Take a token for one key check from ``address``; False if it has none left."""
+        if address is None:
+            return True
+        tokens = self._tokens(address)
+        if tokens < 1:
+            return False
+        self._set(address, tokens - 1)
+        return True
+
+    def give_back(self, address: str | None) -> None:
+        if address is not None and address in self._buckets:
+            self._set(address, min(self.burst, self._tokens(address) + 1))
+
+    def _tokens(self, address: str) -> float:
+        found = self._buckets.get(address)
+        if found is None:
+            return float(self.burst)
+        tokens, since = found
+        return min(float(self.burst), tokens + (self.clock.seconds() - since) * self.per_second)
+
+    def _set(self, address: str, tokens: float) -> None:
+        self._buckets[address] = (tokens, self.clock.seconds())
+        self._buckets.move_to_end(address)
+        while len(self._buckets) > self.max_addresses:
+            self._buckets.popitem(last=False)
+
+
+@dataclass
+class _Writer:
+    """A registration being written under a reserved id."""
+
+    key: str
+    host_key: str
+    reg_type: str
+    waiting: list[defer.Deferred[None]] = field(default_factory=list)
+
+
+def _fire_all(waiting: list[defer.Deferred[None]]) -> None:
+    for done in waiting:
+        done.callback(None)
 
 
 # -- registrations and their members (the state seam) ------------------------------------------
@@ -438,6 +551,8 @@ class Router:
         self.members: Members = LocalMembers() if members is None else members
         self.clock = clock
         self.keys = keys or KeyHashing()
+        #: key checks per client address (``/connect``, ``/remove``) that failed
+        self.attempts = FailedAttempts(clock)
         self.log_ids = log_ids
         #: sends one message to many sockets (the adapter frames it once for all)
         self.fanout = fanout or send_each
@@ -446,6 +561,8 @@ class Router:
         self.registrations: dict[str, Registration] = {}
         #: ids chosen by registrations that are still being hashed and written
         self.reserved: set[str] = set()
+        #: who writes each reserved id (its keys only while it is written), and who waits
+        self._writers: dict[str, _Writer] = {}
         #: lookups waiting for the store, and the registrations (id, key salt) dropped here
         #: meanwhile, which their answers may still contain
         self._lookups = 0
@@ -498,6 +615,11 @@ class Router:
                         if not self._current(existing):
                             continue  # removed while its renewal was written: choose again
                         return id_req
+                if existing is None and self._same_writer(id_req, key, host_key, reg_type):
+                    # being written here by the same keys, sent at once: once it is stored
+                    # this is a re-registration, not a reason for a fresh id
+                    yield self._written(id_req)
+                    continue
                 taken = (existing is not None or id_req in self.reserved
                          or id_req in stored_elsewhere)
                 if taken or not valid_id_req(id_req, rules):
@@ -520,6 +642,7 @@ class Router:
                 raise RouterError("TooManyRegistrations")
             record = Record(wanted, reg_type, *hashes, registered_at=self.clock.seconds())
             self.reserved.add(wanted)
+            self._writers[wanted] = _Writer(key, host_key, reg_type)
             try:
                 stored = yield self.store.insert(record)
             except Exception:
@@ -527,6 +650,10 @@ class Router:
                 raise RouterError("StorageError") from None
             finally:
                 self.reserved.discard(wanted)
+                waiting = self._writers.pop(wanted).waiting
+                if waiting:
+                    # after this registration's view and timer are in place
+                    self.clock.callLater(0, _fire_all, waiting)
             if not stored:
                 # taken on another node meanwhile, or left by a removal that failed to commit
                 stored_elsewhere.add(wanted)
@@ -540,6 +667,37 @@ class Router:
             return wanted
         log.error("router: no free id after {n} attempts", n=MAX_ID_ATTEMPTS)
         raise RouterError("StorageError")
+
+    @defer.inlineCallbacks
+    def _check_keys(self, client: str | None,
+                    checks: Sequence[tuple[str, bytes, bytes]]) -> Any:
+        """:meth:`KeyHashing.verify`, counted against ``client``'s failed attempts."""
+        if not self.attempts.take(client):
+            raise RouterError("TooManyFailedAttempts")
+        try:
+            same = yield self.keys.verify(checks)
+        except Withdrawn:
+            self.attempts.give_back(client)  # never computed, and no answer told anything
+            raise
+        if same:
+            self.attempts.give_back(client)
+        return same
+
+    def _same_writer(self, reg_id: str, key: str, host_key: str, reg_type: str) -> bool:
+        """Whether ``reg_id`` is being written here by a registration with these keys."""
+        writer = self._writers.get(reg_id)
+        return (writer is not None and writer.reg_type == reg_type
+                and hmac.compare_digest(writer.key.encode("utf-8", "surrogatepass"),
+                                        key.encode("utf-8", "surrogatepass"))
+                & hmac.compare_digest(writer.host_key.encode("utf-8", "surrogatepass"),
+                                      host_key.encode("utf-8", "surrogatepass")))
+
+    def _written(self, reg_id: str) -> defer.Deferred[None]:
+        """Fires once the registration being written here under ``reg_id`` is stored (or its
+        write failed)."""
+        done: defer.Deferred[None] = defer.Deferred()
+        self._writers[reg_id].waiting.append(done)
+        return done
 
     def _fresh_id(self) -> str:
         # skips ids known here; the store's insert decides (it never overwrites)
@@ -584,14 +742,15 @@ class Router:
     # -- /remove ------------------------------------------------------------------------------
 
     @defer.inlineCallbacks
-    def remove(self, reg_id: str, key: str, host_key: str) -> Any:
+    def remove(self, reg_id: str, key: str, host_key: str, client: str | None = None) -> Any:
         """Removal: delete, close every socket with 1000, then answer."""
         registration = yield self._lookup(reg_id)
         if registration is None:
             raise UnknownRegistration()
         record = registration.record
-        same = yield self.keys.verify([(key, record.key_salt, record.key_hash),
-                                       (host_key, record.host_key_salt, record.host_key_hash)])
+        same = yield self._check_keys(client, [
+            (key, record.key_salt, record.key_hash),
+            (host_key, record.host_key_salt, record.host_key_hash)])
         if not self._current(registration):
             raise UnknownRegistration()
         if not same:
@@ -683,14 +842,17 @@ class Router:
     # -- /connect -----------------------------------------------------------------------------
 
     @defer.inlineCallbacks
-    def admit(self, reg_id: str, key: str, sock_type: str | None) -> Any:
+    def admit(self, reg_id: str, key: str, sock_type: str | None,
+              client: str | None = None) -> Any:
         """The last /connect checks. Fires with (registration, role) and counts the socket as
-        arriving until :meth:`join` or :meth:`abandon`."""
+        arriving until :meth:`join` or :meth:`abandon`. Cancelling it while the key waits for
+        a hash withdraws the hash. ``client``: the address whose failed key checks are
+        limited (None: not limited)."""
         registration = yield self._lookup(reg_id)
         if registration is None:
             raise UnknownRegistration()
         record = registration.record
-        same = yield self.keys.verify([(key, record.key_salt, record.key_hash)])
+        same = yield self._check_keys(client, [(key, record.key_salt, record.key_hash)])
         if not self._current(registration):
             raise UnknownRegistration()
         if not same:

@@ -15,6 +15,7 @@ import hmac
 import json
 from typing import Any, Mapping
 
+from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.resource import Resource
@@ -170,7 +171,7 @@ class RouterResource(Resource):
             return _reply(request, 401, headers={b"www-authenticate": b"Bearer"})
 
         gone: list[bool] = []
-        request.notifyFinish().addErrback(lambda _: gone.append(True))
+        client = _client_address(request)
         if route == b"stats":
             d = self.router.stats()
             d.addCallback(self._stats, request, origin)
@@ -179,12 +180,19 @@ class RouterResource(Resource):
                                      params.get("id_req"))
             d.addCallback(lambda reg_id: _reply(request, 200, reg_id.encode("utf-8"), origin))
         elif route == b"remove":
-            d = self.router.remove(params["id"], params["key"], params["host_key"])
+            d = self.router.remove(params["id"], params["key"], params["host_key"], client)
             d.addCallback(lambda _: _reply(request, 200, b"", origin))
         else:
-            d = self.router.admit(params["id"], params["key"], params.get("sock_type"))
+            d = self.router.admit(params["id"], params["key"], params.get("sock_type"), client)
             d.addCallback(self._upgrade, request, gone)
-        d.addErrback(self._refuse, request)
+
+        def went_away(_: Any) -> None:
+            gone.append(True)
+            if route == b"connect":
+                d.cancel()  # a key check still waiting for its hash is never computed
+
+        request.notifyFinish().addErrback(went_away)
+        d.addErrback(self._refuse, request, gone)
         d.addCallback(self._finish, request, gone)
         d.addErrback(lambda f: log.failure("router: answering a request failed", f))
         return NOT_DONE_YET
@@ -201,7 +209,9 @@ class RouterResource(Resource):
             self.factory.next_admission = None
         return None
 
-    def _refuse(self, failure: Failure, request: Any) -> bytes:
+    def _refuse(self, failure: Failure, request: Any, gone: list[bool]) -> bytes | None:
+        if gone and failure.check(defer.CancelledError):
+            return None
         if failure.check(UnknownRegistration):
             return _reply(request, 404)
         if failure.check(RouterError):
@@ -238,6 +248,12 @@ class RouterResource(Resource):
         body = json.dumps({"registrations": registrations, "system": memory_kib()},
                           separators=(",", ":"), sort_keys=True, ensure_ascii=False)
         return _reply(request, 200, body.encode("utf-8"), origin)
+
+
+def _client_address(request: Any) -> str | None:
+    """The address whose failed key checks are counted."""
+    address = request.getClientAddress()
+    return getattr(address, "host", None)
 
 
 def bind_registration(claims: Claims, params: Mapping[str, str]) -> None:

@@ -10,7 +10,7 @@ from typing import Any, Mapping
 
 from questsig.app import Context, ModeService
 from questsig.sigver.adapter import SigverService
-from questsig.settings import (LISTENER, Setting, access_settings, positive, seconds,
+from questsig.settings import (LISTENER, Setting, abuse_limits, access_settings, positive, seconds,
                                websocket_limits)
 
 NAME = "sigver"
@@ -28,6 +28,7 @@ SETTINGS: tuple[Setting, ...] = (
     # the mode's own heartbeat keeps connections alive: WebSocket Pings are off by default
     *websocket_limits(max_message_size=1048576, ping_interval=0.0, ping_timeout=30.0),
     *access_settings(),
+    *abuse_limits(),
 )
 
 

@@ -43,7 +43,7 @@ from questsig.cluster import PLACES, ClusterUnavailable, release_node_script
 from questsig.peer import background
 from questsig.sigver.codec import DecodeError, decode
 from questsig.sigver.core import (MAX_ROUTING_ID, MIN_ROUTING_ID, Binding, Heartbeat, Peer,
-                                  Signaling)
+                                  Signaling, Unavailable)
 
 log = Logger()
 
@@ -276,7 +276,7 @@ class RedisGroups:
         """Without Redis: the members of ``key`` on this node, if there are any."""
         members = [m for m in self.members_here.get(key, ()) if not m.gone]
         if not members:
-            raise ClusterUnavailable("no member of this group on this node")
+            raise Unavailable("no member of this group on this node")
         return members
 
     def _entered(self, entries: list[bytes], key: str, peer: Peer) -> list[Peer]:

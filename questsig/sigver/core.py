@@ -153,13 +153,20 @@ class Binding:
         self.to_joiner = True
 
 
+class Unavailable(Exception):
+    """The groups cannot answer for now (a cluster's coordination is out of reach): the peer
+    is let go with the internal error, without a log line of its own, since the outage is
+    logged once where it is noticed."""
+
+
 class Groups(Protocol):
     """The members of each key's group and the routing ids in use. A shared implementation
     answers one peer's operations in the order they were made."""
 
     def enter(self, key: str, peer: Peer) -> defer.Deferred[list[Peer]]:
         """In one atomic step: when ``key`` has no group, make ``peer`` its only member and
-        fire []; otherwise fire its members in joining order (``peer`` is not added)."""
+        fire []; otherwise fire its members in joining order (``peer`` is not added). Fails
+        with :class:`Unavailable` when that cannot be known now."""
 
     def add(self, key: str, peer: Peer) -> defer.Deferred[int]:
         """``peer`` is a member of ``key``'s group (a new group if it vanished); fires the
@@ -287,7 +294,8 @@ class Signaling:
         return None
 
     def _failed(self, peer: Peer, failure: Failure) -> None:
-        log.failure("sigver: the groups did not answer", failure)
+        if not failure.check(Unavailable):
+            log.failure("sigver: the groups did not answer", failure)
         self._expel(peer, INTERNAL_ERROR, "internal error")
 
     # -- group membership -----------------------------------------------------------

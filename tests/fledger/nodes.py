@@ -1,5 +1,5 @@
-"""Fledger nodes for tests: Ed25519 keys, the spec's test vector (fledger.md §10), and the
-Announce each release family sends."""
+"""Fledger nodes for tests: Ed25519 keys, the spec's test vector (fledger.md §10), the
+Announce each release family sends, and a node's client connection."""
 from __future__ import annotations
 
 import base64
@@ -8,6 +8,8 @@ import json
 from typing import Any
 
 from nacl.signing import SigningKey
+
+from clients import recv
 
 # the test vector, byte-exact from the spec
 A_HEX = "c2659f42b866c4e518d989bc08c7b42c62c4c98143c1876cf7b849540bbbcc7f"
@@ -97,3 +99,49 @@ def listed(frame: str | bytes) -> list[Any]:
     value = json.loads(frame)
     assert list(value) == ["ListIDsReply"], value
     return value["ListIDsReply"]
+
+
+def pubkeys(entries: list[Any]) -> list[str]:
+    return [(e.get("NodeInfoV3") or e)["pubkey"] for e in entries]
+
+
+class Node:
+    """One fledger client connection."""
+
+    def __init__(self, ws: Any, challenge: bytes):
+        self.ws = ws
+        self.challenge = challenge
+
+    async def send(self, frame: str | bytes) -> None:
+        await self.ws.send(frame)
+
+    async def recv(self, timeout: float = 5.0) -> str:
+        return await recv(self.ws, timeout)
+
+    async def announce(self, family: str, key: Key, **kwargs: Any) -> list[str]:
+        """Announce and ask for the list back to back; every frame up to the list reply."""
+        await self.send(announce(family, key, self.challenge, **kwargs))
+        await self.send('"ListIDsRequest"')
+        frames = [await self.recv()]
+        while not frames[-1].startswith('{"ListIDsReply"'):
+            frames.append(await self.recv())
+        return frames
+
+    async def list(self) -> list[Any]:
+        await self.send('"ListIDsRequest"')
+        return listed(await self.recv())
+
+    async def close(self) -> None:
+        await self.ws.close()
+
+
+async def join(connect: Any, server: Any, family: str = "0.10", key: Key | None = None,
+               listed_self: bool = True, **kwargs: Any) -> tuple[Node, Key]:
+    """A node announced in ``family`` on ``server``; every frame up to its own list reply has
+    been read."""
+    key = key or Key()
+    node = await connect(server)
+    frames = await node.announce(family, key, **kwargs)
+    if listed_self:
+        assert key.pubkey(family) in frames[-1], f"announce failed: {frames}"
+    return node, key

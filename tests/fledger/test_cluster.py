@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import socket
-import time
-from typing import Any, Awaitable, Callable
+from typing import Any
 
 import pytest
-import websockets
 
-from clients import nothing_arrives, recv
-from fledger.nodes import Key, announce, challenge_of, listed, peer_setup
+from clients import nothing_arrives
+from cluster import eventually
+from fledger.nodes import Key, join, listed, peer_setup, pubkeys
 
 SYSTEM_CONFIG_NULL = '{"SystemConfig":{"system_realm":null}}'
 ERROR_SAME_ID = '{"Error":"New Connection with same ID"}'
@@ -19,56 +18,10 @@ ERROR_SAME_ID = '{"Error":"New Connection with same ID"}'
 NODE_TIMEOUT = 3.0
 
 
-class Node:
-    """One fledger client connection."""
-
-    def __init__(self, ws: Any, challenge: bytes):
-        self.ws = ws
-        self.challenge = challenge
-
-    async def send(self, frame: str) -> None:
-        await self.ws.send(frame)
-
-    async def recv(self, timeout: float = 5.0) -> str:
-        return await recv(self.ws, timeout)
-
-    async def announce(self, family: str, key: Key) -> list[str]:
-        """Announce and ask for the list back to back; every frame up to the list reply."""
-        await self.send(announce(family, key, self.challenge))
-        await self.send('"ListIDsRequest"')
-        frames = [await self.recv()]
-        while not frames[-1].startswith('{"ListIDsReply"'):
-            frames.append(await self.recv())
-        return frames
-
-    async def list(self) -> list[str]:
-        await self.send('"ListIDsRequest"')
-        return pubkeys(listed(await self.recv()))
-
-
 def setup_frame(init: Key, follow: Key, message: str = '"Init"') -> str:
     """A PeerSetup as the server forwards it."""
     return '{"PeerSetup":{"id_init":"%s","id_follow":"%s","message":%s}}' % (
         init.hex, follow.hex, message)
-
-
-def pubkeys(entries: list[Any]) -> list[str]:
-    return [(e.get("NodeInfoV3") or e)["pubkey"] for e in entries]
-
-
-@pytest.fixture
-async def connect():
-    """``await connect(server)``: a Node whose challenge has been read; dropped after the test."""
-    opened: list[Any] = []
-
-    async def open_node(server: Any) -> Node:
-        ws = await websockets.connect(server.url("/"), max_size=None)
-        opened.append(ws)
-        return Node(ws, challenge_of(await recv(ws)))
-
-    yield open_node
-    for ws in opened:
-        ws.transport.abort()
 
 
 @pytest.fixture
@@ -79,26 +32,6 @@ def node_server(redis_server, serve):
         return serve(mounts=["/=fledger"], sets=list(sets), redis=redis_server.url,
                      node_id=node_id, node_timeout=NODE_TIMEOUT)
     return start
-
-
-async def join(connect: Any, server: Any, family: str = "0.10",
-               key: Key | None = None) -> tuple[Node, Key]:
-    """A node announced on ``server``; every frame up to its own list reply has been read."""
-    key = key or Key()
-    node = await connect(server)
-    frames = await node.announce(family, key)
-    assert key.pubkey(family) in frames[-1], f"announce failed: {frames}"
-    return node, key
-
-
-async def eventually(check: Callable[[], Awaitable[bool]], within: float) -> float:
-    """Poll ``check`` until it holds; the seconds it took, or fail after ``within``."""
-    start = time.monotonic()
-    while not await check():
-        if time.monotonic() - start > within:
-            raise AssertionError(f"not within {within} s")
-        await asyncio.sleep(0.2)
-    return time.monotonic() - start
 
 
 async def test_list_spans_servers(node_server, connect) -> None:
@@ -112,9 +45,9 @@ async def test_list_spans_servers(node_server, connect) -> None:
     assert pubkeys(listed(frames[1])) == [key_x.hex, key_y.hex]
     # the 0.10 announce push reaches the node on the other server, with the full list
     assert listed(await x.recv()) == listed(frames[1])
-    assert await x.list() == [key_x.hex, key_y.hex]
+    assert pubkeys(await x.list()) == [key_x.hex, key_y.hex]
     stranger = await connect(a)
-    assert await stranger.list() == [key_x.hex, key_y.hex]
+    assert pubkeys(await stranger.list()) == [key_x.hex, key_y.hex]
 
 
 async def test_announce_broadcast_off_across_servers(node_server, connect) -> None:
@@ -124,7 +57,7 @@ async def test_announce_broadcast_off_across_servers(node_server, connect) -> No
     x, key_x = await join(connect, a)
     _, key_y = await join(connect, b)
     await nothing_arrives(x.ws, 0.5)
-    assert await x.list() == [key_x.hex, key_y.hex]
+    assert pubkeys(await x.list()) == [key_x.hex, key_y.hex]
 
 
 async def test_families_apart_across_servers(node_server, connect) -> None:
@@ -134,8 +67,8 @@ async def test_families_apart_across_servers(node_server, connect) -> None:
     old, _ = await join(connect, a, "0.7", shared)
     _, key_y = await join(connect, b, "0.7")
     new, _ = await join(connect, b, "0.10", shared)
-    assert await old.list() == [shared.b64, key_y.b64]
-    assert await new.list() == [shared.hex]
+    assert pubkeys(await old.list()) == [shared.b64, key_y.b64]
+    assert pubkeys(await new.list()) == [shared.hex]
 
 
 async def test_peer_setup_across_servers(node_server, connect) -> None:
@@ -186,7 +119,7 @@ async def test_takeover_across_servers(node_server, connect) -> None:
     assert await old.recv() == ERROR_SAME_ID
     assert pubkeys(listed(await peer.recv())) == [key_p.hex, key.hex]
     await nothing_arrives(old.ws, 0.2)
-    assert await old.list() == [key_p.hex, key.hex]  # still open
+    assert pubkeys(await old.list()) == [key_p.hex, key.hex]  # still open
     # a setup for the ID now reaches the new holder on b, not the old connection
     await peer.send(peer_setup(key_p.hex, key.hex))
     assert await new.recv() == setup_frame(key_p, key)
@@ -196,7 +129,7 @@ async def test_takeover_across_servers(node_server, connect) -> None:
     await nothing_arrives(peer.ws, 0.2)
     await old.ws.close()
     await asyncio.sleep(0.2)
-    assert await peer.list() == [key_p.hex, key.hex]
+    assert pubkeys(await peer.list()) == [key_p.hex, key.hex]
 
 
 async def test_takeover_back_and_old_family(node_server, connect) -> None:
@@ -207,10 +140,10 @@ async def test_takeover_back_and_old_family(node_server, connect) -> None:
     second, _ = await join(connect, b, "0.7", key)
     await nothing_arrives(first.ws, 0.3)
     third, _ = await join(connect, a, "0.7", key)
-    assert await third.list() == [key.b64]
+    assert pubkeys(await third.list()) == [key.b64]
     await second.ws.close()
     await asyncio.sleep(0.2)
-    assert await first.list() == [key.b64]
+    assert pubkeys(await first.list()) == [key.b64]
 
 
 async def test_server_stopped_abruptly(node_server, connect) -> None:
@@ -222,15 +155,15 @@ async def test_server_stopped_abruptly(node_server, connect) -> None:
     await join(connect, b, key=moved)
     await join(connect, a, key=moved)
     observer = await connect(a)  # unannounced: gets no pushes, only its answers
-    assert await observer.list() == [key_x.hex, key_y.hex, moved.hex]
+    assert pubkeys(await observer.list()) == [key_x.hex, key_y.hex, moved.hex]
     # the cluster goes silent as if the process had died; then its connections drop
     await b.wait(b.cluster.abandon())
     await b.astop()
 
     async def gone() -> bool:
-        return await observer.list() == [key_x.hex, moved.hex]
+        return pubkeys(await observer.list()) == [key_x.hex, moved.hex]
 
-    await eventually(gone, NODE_TIMEOUT + 5)
+    await eventually(gone, NODE_TIMEOUT + 5, "the dead server's entries unlisted")
 
 
 async def test_restart_under_same_node_id(node_server, connect) -> None:
@@ -245,12 +178,12 @@ async def test_restart_under_same_node_id(node_server, connect) -> None:
     observer = await connect(a)
 
     async def replaced() -> bool:
-        return await observer.list() == [key_x.hex, key_z.hex]
+        return pubkeys(await observer.list()) == [key_x.hex, key_z.hex]
 
-    took = await eventually(replaced, NODE_TIMEOUT + 5)
+    took = await eventually(replaced, NODE_TIMEOUT + 5, "the earlier run's entries unlisted")
     assert took < NODE_TIMEOUT  # released by the new run at its start, not by a survivor
     await asyncio.sleep(NODE_TIMEOUT / 3 + 0.5)  # a presence tick later: nothing else went
-    assert await observer.list() == [key_x.hex, key_z.hex]
+    assert pubkeys(await observer.list()) == [key_x.hex, key_z.hex]
 
 
 def pause_redis(server: Any, milliseconds: int) -> None:
@@ -267,17 +200,17 @@ async def test_outage_keeping_data(node_server, connect, redis_server) -> None:
     _, key_y = await join(connect, b)
     leaving, key_l = await join(connect, b)
     on_a, on_b = await connect(a), await connect(b)
-    assert await on_b.list() == [key_x.hex, key_y.hex, key_l.hex]
+    assert pubkeys(await on_b.list()) == [key_x.hex, key_y.hex, key_l.hex]
     pause_redis(redis_server, 2500)
-    await eventually(lambda: asyncio.sleep(0, not b.cluster.up), 5)
+    await eventually(lambda: not b.cluster.up, 5, "outage noticed")
     await leaving.ws.close()
-    await eventually(lambda: asyncio.sleep(0, b.cluster.up and a.cluster.up), 10)
+    await eventually(lambda: b.cluster.up and a.cluster.up, 10, "recovery noticed")
 
     async def without_leaver() -> bool:
-        return await on_a.list() == [key_x.hex, key_y.hex]
+        return pubkeys(await on_a.list()) == [key_x.hex, key_y.hex]
 
-    await eventually(without_leaver, 5)
-    assert await on_b.list() == [key_x.hex, key_y.hex]
+    await eventually(without_leaver, 5, "the leaver unlisted")
+    assert pubkeys(await on_b.list()) == [key_x.hex, key_y.hex]
 
 
 async def test_redis_restart(node_server, connect, redis_server) -> None:
@@ -289,12 +222,12 @@ async def test_redis_restart(node_server, connect, redis_server) -> None:
     leaving, key_l = await join(connect, b)
     await x.recv()
     await y.recv()  # the pushes of the announces after theirs
-    assert await y.list() == [key_x.hex, key_y.hex, key_l.hex]
+    assert pubkeys(await y.list()) == [key_x.hex, key_y.hex, key_l.hex]
     redis_server.stop()
     # a list request answers with the nodes of this server; setups between them flow
-    assert await x.list() == [key_x.hex]
+    assert pubkeys(await x.list()) == [key_x.hex]
     w, key_w = await join(connect, a)
-    assert await w.list() == [key_x.hex, key_w.hex]
+    assert pubkeys(await w.list()) == [key_x.hex, key_w.hex]
     assert pubkeys(listed(await x.recv())) == [key_x.hex, key_w.hex]  # the local push
     await w.send(peer_setup(key_w.hex, key_x.hex))
     assert await x.recv() == setup_frame(key_w, key_x)
@@ -305,10 +238,10 @@ async def test_redis_restart(node_server, connect, redis_server) -> None:
 
     async def whole() -> bool:
         # re-published by each server when it is back: in the order they got there
-        return sorted(await y.list()) == sorted([key_x.hex, key_y.hex, key_w.hex])
+        return sorted(pubkeys(await y.list())) == sorted([key_x.hex, key_y.hex, key_w.hex])
 
-    await eventually(whole, NODE_TIMEOUT + 10)
-    assert sorted(await x.list()) == sorted([key_x.hex, key_y.hex, key_w.hex])
+    await eventually(whole, NODE_TIMEOUT + 10, "the list whole again")
+    assert sorted(pubkeys(await x.list())) == sorted([key_x.hex, key_y.hex, key_w.hex])
     await y.send(peer_setup(key_y.hex, key_w.hex, {"Offer": "again"}))
     assert await w.recv() == setup_frame(key_y, key_w, '{"Offer":"again"}')
     await nothing_arrives(y.ws, 0.2)

@@ -13,57 +13,10 @@ import websockets
 
 from clients import RawWebSocket, closed_with, nothing_arrives, recv
 from fledger.nodes import (A_INFO, A_HEX, B_HEX, CHALLENGE, S64, S_HEX, Key, announce,
-                           challenge_of, listed, node_info, peer_setup)
+                           challenge_of, join, listed, node_info, peer_setup, pubkeys)
 
 LOCAL = "tcp:0:interface=127.0.0.1"
 SYSTEM_CONFIG_NULL = '{"SystemConfig":{"system_realm":null}}'
-
-
-class Node:
-    """One fledger client connection."""
-
-    def __init__(self, ws: Any, challenge: bytes):
-        self.ws = ws
-        self.challenge = challenge
-
-    async def send(self, frame: str | bytes) -> None:
-        await self.ws.send(frame)
-
-    async def recv(self, timeout: float = 5.0) -> str:
-        return await recv(self.ws, timeout)
-
-    async def announce(self, family: str, key: Key, **kwargs: Any) -> list[str]:
-        """Announce and ask for the list back to back; every frame up to the list reply."""
-        await self.send(announce(family, key, self.challenge, **kwargs))
-        await self.send('"ListIDsRequest"')
-        frames = [await self.recv()]
-        while not frames[-1].startswith('{"ListIDsReply"'):
-            frames.append(await self.recv())
-        return frames
-
-    async def list(self) -> list[Any]:
-        await self.send('"ListIDsRequest"')
-        return listed(await self.recv())
-
-    async def close(self) -> None:
-        await self.ws.close()
-
-
-@pytest.fixture
-async def connect():
-    """``await connect(server)``: a Node whose challenge has been read; closed after the test.
-    ``await connect(url)`` connects to that URL."""
-    opened: list[Any] = []
-
-    async def open_node(server: Any, path: str = "/") -> Node:
-        url = server if isinstance(server, str) else server.url(path)
-        ws = await websockets.connect(url, max_size=None)
-        opened.append(ws)
-        return Node(ws, challenge_of(await recv(ws)))
-
-    yield open_node
-    for ws in opened:
-        ws.transport.abort()
 
 
 @pytest.fixture
@@ -79,21 +32,6 @@ def with_vector_challenge(server: Any) -> None:
         core.random_bytes = lambda n: CHALLENGE if n == 32 else os.urandom(n)
 
     server.call(inject)
-
-
-def pubkeys(entries: list[Any]) -> list[str]:
-    return [(e.get("NodeInfoV3") or e)["pubkey"] for e in entries]
-
-
-async def join(connect: Any, server: Any, family: str, key: Key | None = None,
-               listed_self: bool = True, **kwargs: Any) -> tuple[Node, Key]:
-    """A node announced in ``family``; its own list reply has been read."""
-    key = key or Key()
-    node = await connect(server)
-    frames = await node.announce(family, key, **kwargs)
-    if listed_self:
-        assert key.pubkey(family) in frames[-1], "announce failed"
-    return node, key
 
 
 async def test_challenge_first_frame(fledger, connect) -> None:

@@ -6,21 +6,18 @@ from __future__ import annotations
 import asyncio
 import json
 import signal
-from pathlib import Path
-from typing import Any, Awaitable, Callable, Iterator
+from typing import Any, Awaitable, Callable
 
 import pytest
 import websockets
-from twisted.internet import defer
 
 from clients import closed_with, echo_round_trip, nothing_arrives, recv
 from cluster import eventually
+from hub.push_setup import push_settings, settle
 from hub.webpush_stub import PushServiceStub
 from questsig.hub.core import USERNAME_TAKEN
-from questsig.hub.push import generate_key
 
 NODE_TIMEOUT = 2.0
-SUBJECT = "mailto:ops@example.com"
 
 
 def one_to_one(target: str, **extra: Any) -> str:
@@ -233,41 +230,8 @@ async def _starts(value: Awaitable[str | None], prefix: str) -> bool:
 
 # -- Web Push across nodes ------------------------------------------------------------------------
 
-@pytest.fixture
-def vapid(tmp_path: Path) -> tuple[str, str]:
-    """(key file, public key) of a fresh VAPID key pair."""
-    path = tmp_path / "vapid.pem"
-    return str(path), generate_key(str(path))
-
-
-@pytest.fixture
-def stub(vapid: tuple[str, str]) -> Iterator[PushServiceStub]:
-    service = PushServiceStub(vapid[1], SUBJECT)
-    yield service
-    service.close()
-
-
 def push_nodes(nodes: Any, vapid: tuple[str, str], **settings: Any) -> list[Any]:
-    return nodes(2, **{"push_vapid_key": vapid[0], "push_vapid_subject": SUBJECT,
-                       "push_allow_private": True, "push_timeout": 2.0,
-                       "push_min_interval": 0, **settings})
-
-
-async def settle(*servers: Any) -> None:
-    """Wait until every node's push service has done what it was asked so far."""
-    @defer.inlineCallbacks
-    def idle(push: Any) -> Any:
-        for _ in range(20):
-            if push.in_flight:
-                yield defer.DeferredList(list(push.in_flight))
-                continue
-            yield push.flush()
-            if not push.in_flight and not push.queue:
-                return
-        raise AssertionError("push service never went idle")
-
-    for server in servers:
-        await server.wait(idle(server.mode("hub").push))
+    return nodes(2, **push_settings(vapid, **settings))
 
 
 async def subscribed(server: Any, stub: PushServiceStub) -> Any:
@@ -380,3 +344,81 @@ async def test_names_of_a_killed_twistd_node_are_released_within_the_bound(
         await again.close()
     finally:
         await alice.close()
+
+
+async def commands_run(server: Any) -> dict[str, int]:
+    """Redis's count of every command run so far, by command (INFO itself left out)."""
+    stats = await server.wait(server.cluster.call("INFO", "commandstats"))
+    return {name: entry["calls"] for name, entry in stats.items() if name != "cmdstat_info"}
+
+
+async def test_one_to_one_on_one_node_runs_no_redis_command(nodes: Any) -> None:
+    """One-to-one messages between two users of one node, and to oneself, run no Redis
+    command at all."""
+    [a] = nodes(1, node_timeout=60)
+    alice, bob = await joined(a, "alice"), await joined(a, "bob")
+    try:
+        before = await commands_run(a)
+        for i in range(100):
+            await alice.send(one_to_one("bob", n=i))
+            await bob.send(one_to_one("alice", n=i))
+            await bob.send(one_to_one("bob", me=i))
+        for i in range(100):
+            assert await recv(alice) == one_to_one("alice", n=i)
+        got = [json.loads(await recv(bob)) for _ in range(200)]
+        assert [m["n"] for m in got if "n" in m] == list(range(100))
+        assert [m["me"] for m in got if "me" in m] == list(range(100))
+        assert await commands_run(a) == before
+    finally:
+        await alice.close()
+        await bob.close()
+
+
+async def test_names_with_colons_slashes_escapes_and_non_ascii_cross_nodes(nodes: Any) -> None:
+    """Names with a colon, a slash, a space escape and non-ASCII letters are claimed once
+    cluster-wide and reached on the other node; a dead node's such name is freed."""
+    a, b = nodes(2)
+    odd = ["a:b", "x/1", "sp%20ace", "%C3%BCml%C3%A4ut", "q:/%0A"]
+    held = [await joined(a, name) for name in odd]
+    sender = await joined(b, "sender")
+    try:
+        for name in odd:
+            assert (await holder(b, name) or "").startswith("a/")
+            message = one_to_one(name, data=name)
+            await sender.send(message)
+            assert await recv(held[odd.index(name)]) == message
+        twice = await websockets.connect(b.url(f"/?user={odd[1]}"))
+        assert await recv(twice) == USERNAME_TAKEN
+        await twice.close()
+        await a.wait(a.cluster.abandon())
+        for name in odd:
+            await eventually(lambda n=name: _is_none(holder(b, n)), NODE_TIMEOUT + 5,
+                             f"{name!r} freed")
+    finally:
+        for ws in held + [sender]:
+            ws.transport.abort()
+
+
+async def test_a_user_back_on_another_node_after_a_node_died_is_reached_at_once(
+        nodes: Any) -> None:
+    """Once a dead node's name is free and its user is back on another node, a one-to-one
+    from any node reaches it at once: no node waits on the dead one or answers not-found."""
+    a, b, c, d = nodes(4)
+    alice = await joined(a, "alice")
+    bob, carol = await joined(b, "bob"), await joined(c, "carol")
+    try:
+        for sender in (bob, carol):
+            await sender.send(one_to_one("alice", hello=1))
+            assert await recv(alice) == one_to_one("alice", hello=1)
+            await echo_round_trip(sender)  # the holding node's answer is in
+        await a.wait(a.cluster.abandon())
+        await eventually(lambda: _is_none(holder(d, "alice")), NODE_TIMEOUT + 5, "alice freed")
+        back = await joined(d, "alice")
+        for sender in (bob, carol):
+            await sender.send(one_to_one("alice", hello=2))
+            assert await recv(back, timeout=2) == one_to_one("alice", hello=2)
+        await back.close()
+    finally:
+        alice.transport.abort()
+        await bob.close()
+        await carol.close()

@@ -74,6 +74,16 @@ def test_strict_json_accepts(text: str, value: object) -> None:
     assert strict_json.parse(text) == value
 
 
+def test_strict_json_names_watched_duplicates() -> None:
+    """With ``watch``, an object repeating a watched name (plain or escaped) is marked; the
+    last value is kept either way and unwatched texts are not marked."""
+    value = strict_json.parse('{"a":1,"b":{"a":2,"a":3},"\\u0061":4}', watch=("a",))
+    assert value == {"a": 4, "b": {"a": 3}}
+    assert strict_json.duplicates(value) == {"a"}
+    assert strict_json.duplicates(value["b"]) == {"a"}
+    assert strict_json.duplicates(strict_json.parse('{"a":1,"a":2}')) == frozenset()
+
+
 def test_errors_json_flag_from_query() -> None:
     """errors=json is read by ordinary query parsing, in any position."""
     assert wants_json_errors(b"/?user=a&errors=json")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import sqlite3
+import threading
 import time
 from contextlib import closing
 from pathlib import Path
@@ -14,16 +15,14 @@ import pytest
 import websockets
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from twisted.internet import defer
 from twisted.logger import formatEvent, globalLogPublisher
 
-from clients import nothing_arrives, recv
+from clients import TIMEOUT, nothing_arrives, recv
 from questsig import config
 from questsig.settings import ConfigError
-from questsig.hub.push import generate_key
+from hub.push_setup import SUBJECT, push_settings, settle
 from hub.webpush_stub import PushServiceStub, make_certificate
 
-SUBJECT = "mailto:ops@example.com"
 EXPECTED_PAYLOAD = ('{"actions":[{"action":"allowConnection","title":"✔️ Allow"},'
                     '{"action":"denyConnection","title":"✖️ Deny"}],'
                     '"body":"bob\\nwants to connect with you","sender":"bob"}').encode("utf-8")
@@ -31,27 +30,10 @@ NOT_FOUND_ALICE = "Could not find a node with the name alice"
 
 
 @pytest.fixture
-def vapid(tmp_path: Path) -> tuple[str, str]:
-    """(key file, public key) of a fresh VAPID key pair."""
-    path = tmp_path / "vapid.pem"
-    return str(path), generate_key(str(path))
-
-
-@pytest.fixture
-def stub(vapid: tuple[str, str]) -> Iterator[PushServiceStub]:
-    service = PushServiceStub(vapid[1], SUBJECT)
-    yield service
-    service.close()
-
-
-@pytest.fixture
 def push_hub(serve: Any, vapid: tuple[str, str]) -> Any:
     """Start a hub on / with push on; keyword arguments are hub settings."""
     def start(**settings: Any) -> Any:
-        hub = {"push-vapid-key": vapid[0], "push-vapid-subject": SUBJECT,
-               "push-allow-private": True, "push-min-interval": 0, "push-timeout": 2.0}
-        hub.update({k.replace("_", "-"): v for k, v in settings.items()})
-        return serve(mounts=["/=hub"], overrides={"hub": hub})
+        return serve(mounts=["/=hub"], overrides={"hub": push_settings(vapid, **settings)})
 
     return start
 
@@ -77,26 +59,6 @@ def subscribe_message(subscription: Any) -> str:
 def connection_request(target: str, protocol: str = "one-to-one") -> str:
     return json.dumps({"protocol": protocol, "endpoint": target, "from": "bob",
                        "action": "connection-request"})
-
-
-async def settle(server: Any) -> None:
-    """Wait until the push service has stored, looked up and sent everything asked so far."""
-    push = server.mode("hub").push
-
-    @defer.inlineCallbacks
-    def idle() -> Any:
-        for _ in range(20):
-            # a push ending during the flush may queue store work after it: flush only when
-            # no push is under way, and check again after
-            if push.in_flight:
-                yield defer.DeferredList(list(push.in_flight))
-                continue
-            yield push.flush()
-            if not push.in_flight and not push.queue:
-                return
-        raise AssertionError("push service never went idle")
-
-    await server.wait(idle())
 
 
 def stored(state_dir: Path) -> dict[str, dict[str, Any]]:
@@ -148,6 +110,35 @@ async def test_subscription_is_stored_in_sqlite_and_survives_a_restart(
         [delivery] = await asyncio.to_thread(stub.wait_for, 1)
     assert delivery.errors == []
     assert delivery.plaintext == EXPECTED_PAYLOAD
+
+
+async def test_the_echo_of_a_subscription_waits_for_its_commit(
+        push_hub: Any, stub: PushServiceStub, tmp_path: Path) -> None:
+    """The one-to-self echo acknowledging a subscribe-push is sent only once the subscription
+    is in the store: a write that has not finished holds the echo back, and when the echo
+    arrives the SQLite file already holds the subscription."""
+    browser = stub.subscribe()
+    server = push_hub()
+    store = server.mode("hub").push.store
+    put = store.put
+    release = threading.Event()
+
+    def slow_put(*args: Any) -> None:  # on the store thread
+        release.wait(TIMEOUT)
+        put(*args)
+
+    server.call(setattr, store, "put", slow_put)
+    try:
+        async with websockets.connect(server.url("/?user=alice")) as alice:
+            message = subscribe_message(json.dumps(browser.subscription))
+            await alice.send(message)
+            await nothing_arrives(alice, 0.5)
+            assert stored(tmp_path) == {}
+            release.set()
+            assert await recv(alice) == message
+            assert stored(tmp_path) == {"alice": browser.subscription}
+    finally:
+        release.set()
 
 
 async def test_subscription_as_an_object_is_accepted(

@@ -205,6 +205,38 @@ async def test_invalid_protocol_text(hub, bad: str) -> None:
         assert await recv(a) == MASTER_INVALID
 
 
+@pytest.mark.parametrize("forged", [
+    '{"protocol":"error","endpoint":"a","protocol":"one-to-one"}',
+    '{"protocol":"one-to-one","endpoint":"b","endpoint":"a"}',
+    '{"protocol":"one-to-one","to":"b","endpoint":"a","to":"a"}',
+    '{"protocol":"one-to-one","endpoint":"a","prot\\u006fcol":"one-to-one"}',
+    '{"protocol":"one-to-self","action":"x","action":"subscribe-push"}',
+    '{"protocol":"one-to-self","action":"subscribe-push","subscriptionData":{},'
+    '"subscriptionData":{}}',
+    '{"protocol":"one-to-self","action":"subscribe-push","subscriptionData":'
+    '{"endpoint":"https://a.example/1","endpoint":"https://b.example/2"}}',
+])
+async def test_duplicate_routed_keys_refused(hub, forged: str) -> None:
+    """A message repeating a routed key (protocol, endpoint, to, or a push field) is refused
+    with the invalid-protocol text and reaches nobody: receivers whose parser keeps the first
+    key would read something else than what was routed."""
+    async with websockets.connect(hub.url("/?user=a")) as a, \
+            websockets.connect(hub.url("/?user=s")) as s:
+        await s.send(forged)
+        assert await recv(s) == MASTER_INVALID
+        await nothing_arrives(a)
+        await nothing_arrives(s)
+
+
+async def test_duplicate_unrouted_keys_forwarded_as_sent(hub) -> None:
+    """Duplicates among fields the hub does not route on are forwarded byte for byte."""
+    async with websockets.connect(hub.url("/?user=a")) as a, \
+            websockets.connect(hub.url("/")) as s:
+        msg = '{"protocol":"one-to-one","endpoint":"a","data":1,"data":2,"x":{"to":1,"to":2}}'
+        await s.send(msg)
+        assert await recv(a) == msg
+
+
 async def test_nan_and_deep_nesting(hub) -> None:
     """18: NaN and 1000-deep nesting get the invalid-protocol text; the connection stays open."""
     async with websockets.connect(hub.url("/?user=a")) as a:

@@ -16,10 +16,9 @@ from twisted.web.resource import Resource
 from twisted.web.server import Site
 
 from peerjs.npm import modules
-from test_browser import CHROMIUM, CHROMIUM_FLAGS, WAIT_MS
+from browsers import WAIT_MS, needs_chromium
 
-pytestmark = pytest.mark.skipif(not CHROMIUM.exists(),
-                                reason="needs Debian's chromium at /usr/bin/chromium")
+pytestmark = needs_chromium
 
 PAGE = b"""<!doctype html><meta charset="utf-8"><title>peerjs</title>
 <script src="/peerjs.min.js"></script>"""
@@ -45,17 +44,6 @@ CALLER = """async ([target, options]) => {
     });
     return {me, reply};
 }"""
-
-
-@pytest.fixture(scope="module")
-async def chromium() -> AsyncIterator[Any]:
-    from playwright.async_api import async_playwright
-
-    async with async_playwright() as playwright:
-        browser = await playwright.chromium.launch(executable_path=str(CHROMIUM),
-                                                   args=CHROMIUM_FLAGS)
-        yield browser
-        await browser.close()
 
 
 @pytest.fixture

@@ -12,7 +12,7 @@ from urllib.parse import urlencode
 import pytest
 import websockets
 
-from clients import closed_with, fetch, nothing_arrives, recv
+from clients import close_all, closed_with, fetch, nothing_arrives, recv
 from cluster import eventually
 
 NODE_TIMEOUT = 2.0
@@ -70,11 +70,7 @@ class Clients:
 async def clients() -> Any:
     c = Clients()
     yield c
-    for ws in c.opened:
-        try:
-            await asyncio.wait_for(ws.close(), 5)
-        except asyncio.TimeoutError:
-            ws.transport.abort()
+    await close_all(c.opened)
 
 
 async def settled(ws: Any, id: str) -> None:
@@ -312,3 +308,24 @@ async def test_an_id_taken_on_two_nodes_during_an_outage_keeps_one_holder(
     assert await recv(lost) == '{"type":"ID-TAKEN","payload":{"msg":"ID is taken"}}'
     assert (await closed_with(lost))[0] == NO_STATUS
     await settled(kept, "erin")
+
+
+async def test_an_id_back_on_another_node_after_its_node_died_is_reached_at_once(
+        nodes: Any, clients: Clients) -> None:
+    """Once a dead node's presence is gone and its client has reattached on another node, a
+    frame to it from any node is delivered at once, not handed to the dead node and lost."""
+    a, b, c, d = nodes(4)
+    alice = await clients.join(a, "alice", "t1")
+    bob, carol = await clients.join(b, "bob"), await clients.join(c, "carol")
+    for sender, src in ((bob, "bob"), (carol, "carol")):
+        await sender.send(message("OFFER", "alice", "hello"))
+        assert await recv(alice) == message("OFFER", "alice", "hello", src=src)
+        await settled(sender, src)  # the holding node's answer is in
+    await a.wait(a.cluster.abandon())
+    again = await clients.raw(d, "alice", "t1")
+    await settled(again, "alice")
+    await eventually(lambda: not (b.cluster.is_alive("a") or c.cluster.is_alive("a")),
+                     NODE_TIMEOUT + 5, "the dead node's presence gone")
+    for sender, src in ((bob, "bob"), (carol, "carol")):
+        await sender.send(message("OFFER", "alice", "again"))
+        assert await recv(again, timeout=2) == message("OFFER", "alice", "again", src=src)

@@ -12,7 +12,7 @@ from urllib.parse import urlencode
 import pytest
 import websockets
 
-from clients import RawWebSocket, closed_with, fetch, nothing_arrives, recv
+from clients import RawWebSocket, close_all, closed_with, fetch, nothing_arrives, recv
 
 OPEN = '{"type":"OPEN"}'
 NO_STATUS = 1005  # a Close frame without a status code, as upstream's ws sends
@@ -63,11 +63,7 @@ class Clients:
 async def clients() -> Any:
     c = Clients()
     yield c
-    for ws in c.opened:
-        try:
-            await asyncio.wait_for(ws.close(), 5)
-        except asyncio.TimeoutError:
-            ws.transport.abort()
+    await close_all(c.opened)
 
 
 def start(peerjs: Any, clients: Clients, prefix: str = "/", **settings: Any) -> Any:

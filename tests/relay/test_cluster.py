@@ -5,14 +5,16 @@ from __future__ import annotations
 
 import asyncio
 import random
+import signal
 from typing import Any, Awaitable, Callable
+from urllib.parse import quote
 
 import pytest
 import websockets
 
-from clients import nothing_arrives, recv
+from clients import close_all, nothing_arrives, recv
 from cluster import eventually
-from relay.test_wire import Session, check_grammar
+from relay.test_wire import Session, check_grammar, expect
 
 NODE_TIMEOUT = 2.0
 NOT_RECEIVED = "/error:0001:The message was not received by anyone.:"
@@ -42,17 +44,7 @@ async def connect() -> Any:
         return ws
 
     yield open_client
-    for ws in opened:
-        try:
-            await asyncio.wait_for(ws.close(), 5)
-        except (asyncio.TimeoutError, OSError):
-            ws.transport.abort()
-
-
-async def expect(ws: Any, *messages: Any, timeout: float = 5.0) -> None:
-    """The next messages are exactly these, in this order."""
-    for message in messages:
-        assert await recv(ws, timeout) == message
+    await close_all(opened)
 
 
 async def cross_pair(connect: Any, a: Any, b: Any, path: str = "/room") -> tuple[Any, Any]:
@@ -212,20 +204,7 @@ async def test_random_joins_and_leaves_across_nodes_keep_the_grammar(nodes: Any)
 
     async def live(session: Session) -> None:
         server = servers[rng.randrange(2)]
-        await asyncio.sleep(rng.uniform(0, 1.0))
-        async with websockets.connect(server.url("/" + session.room), open_timeout=10) as ws:
-            async def read() -> None:
-                async for message in ws:
-                    session.received.append(message)
-
-            reader = asyncio.ensure_future(read())
-            for n in range(rng.randrange(1, 6)):
-                await asyncio.sleep(rng.uniform(0, 0.3))
-                token = f"{session.number}:{n}"
-                session.sent.append(token)
-                await ws.send(token)
-            await asyncio.sleep(rng.uniform(0, 0.2))
-        await asyncio.wait_for(reader, 10)
+        await session.live(server.url("/" + session.room), rng)
 
     await asyncio.wait_for(asyncio.gather(*(live(s) for s in sessions)), 60)
     room_of = {}
@@ -330,3 +309,85 @@ async def test_a_flooding_client_is_not_read_while_redis_is_slow(redis_server: A
     sending.cancel()
     assert 0 < most < 2000
     await expect(ws, WAITING, timeout=10)
+
+
+async def commands_run(server: Any) -> dict[str, int]:
+    """Redis's count of every command run so far, by command (INFO itself left out)."""
+    stats = await server.wait(server.cluster.call("INFO", "commandstats"))
+    return {name: entry["calls"] for name, entry in stats.items() if name != "cmdstat_info"}
+
+
+async def test_a_pair_on_one_node_sends_its_frames_without_redis(redis_server: Any, serve: Any,
+                                                                 connect: Any) -> None:
+    """Frames between two clients paired on one node run no Redis command at all."""
+    a = serve(mounts=["/=pair-relay"], redis=redis_server.url, node_id="a", node_timeout=60,
+              overrides={"": {"client": False}})
+    first = await connect(a, "/here")
+    await expect(first, WAITING)
+    second = await connect(a, "/here")
+    await expect(first, OPEN, CONNECTED)
+    await expect(second, CONNECTED)
+    before = await commands_run(a)
+    for i in range(200):
+        await first.send(f"text {i}")
+        await second.send(b"binary %d" % i)
+    for i in range(200):
+        await expect(second, f"text {i}")
+        await expect(first, b"binary %d" % i)
+    assert await commands_run(a) == before
+
+
+async def test_an_id_with_spaces_colons_newlines_and_non_ascii_pairs_across_nodes(
+        nodes: Any, connect: Any) -> None:
+    """An id with a space, a colon, a newline, a percent sign and non-ASCII letters pairs
+    across nodes and carries frames; a dead node's waiter on such an id is released."""
+    room = "a b:c\nd%\u00fc\u4e2d"
+    path = "/" + quote(room, safe="")
+    a, b = nodes(2)
+    first, second = await cross_pair(connect, a, b, path)
+    await first.send("over")
+    await expect(second, "over")
+    await second.send(b"back")
+    await expect(first, b"back")
+    ghost = await connect(a, path)
+    await expect(ghost, WAITING)
+    assert [entry.split(" ")[0] for entry in await waiters(b, room)] == ["a"]
+    await a.wait(a.cluster.abandon())
+
+    async def only_b_waits() -> bool:
+        return [entry.split(" ")[0] for entry in await waiters(b, room)] == ["b"]
+
+    # the partner on b joins again once its partner is gone: it is the one waiter left
+    await eventually(only_b_waits, NODE_TIMEOUT + 5, "the dead node's place released")
+    await expect(second, CLOSE, WAITING)
+
+
+async def test_a_killed_twistd_node_releases_its_places_within_the_bound(
+        nodes: Any, connect: Any, redis_server: Any, spawn_twistd: Any) -> None:
+    """A twistd node killed with SIGKILL has its waiters' places freed by a survivor within
+    node-timeout plus a few seconds, and its clients' partners there get /remote:close and
+    /status:waiting."""
+    [b] = nodes(1)
+    node = spawn_twistd("--redis", redis_server.url, "--node-id", "k",
+                        "--node-timeout", str(NODE_TIMEOUT),
+                        "--endpoint", "tcp:0:interface=127.0.0.1", "--mount", "/=pair-relay")
+    port = await asyncio.to_thread(node.wait_listening)
+    killed = websockets.connect(f"ws://127.0.0.1:{port}/pair", open_timeout=5)
+    on_k = await killed
+    try:
+        await expect(on_k, WAITING)
+        on_b = await connect(b, "/pair")
+        await expect(on_k, OPEN, CONNECTED)
+        await expect(on_b, CONNECTED)
+        lone = await websockets.connect(f"ws://127.0.0.1:{port}/lone", open_timeout=5)
+        await expect(lone, WAITING)
+        assert [entry.split(" ")[0] for entry in await waiters(b, "lone")] == ["k"]
+        node.stop(signal.SIGKILL)
+        took = await eventually(lambda: _empty(waiters(b, "lone")), NODE_TIMEOUT + 5,
+                                "the killed node's place released")
+        assert took <= NODE_TIMEOUT + 5
+        await expect(on_b, CLOSE, WAITING, timeout=NODE_TIMEOUT + 5)
+        newcomer = await connect(b, "/lone")
+        await expect(newcomer, WAITING)
+    finally:
+        on_k.transport.abort()

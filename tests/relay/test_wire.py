@@ -15,7 +15,8 @@ from typing import Any
 import pytest
 import websockets
 
-from clients import RawWebSocket, closed_with, handshake, http, nothing_arrives, read_frame, recv
+from clients import (TIMEOUT, RawWebSocket, close_all, closed_with, handshake, http,
+                     nothing_arrives, read_frame, recv)
 
 NOT_RECEIVED = "/error:0001:The message was not received by anyone.:"
 RESERVED = "/error:0002:The message uses a reserved prefix.:"
@@ -49,17 +50,13 @@ async def connect(serve):
         return ws
 
     yield open_client
-    for ws in opened:
-        try:
-            await asyncio.wait_for(ws.close(), 5)
-        except asyncio.TimeoutError:
-            ws.transport.abort()
+    await close_all(opened)
 
 
-async def expect(ws: Any, *messages: Any) -> None:
+async def expect(ws: Any, *messages: Any, timeout: float = TIMEOUT) -> None:
     """The next messages are exactly these, in this order."""
     for message in messages:
-        assert await recv(ws) == message
+        assert await recv(ws, timeout) == message
 
 
 async def pair(connect, server, path: str = "/room") -> tuple[Any, Any]:
@@ -710,6 +707,24 @@ class Session:
         self.sent: list[str] = []
         self.received: list[str] = []
 
+    async def live(self, url: str, rng: random.Random) -> None:
+        """Join at ``url`` at a random moment, send one to five texts at random moments, and
+        record every message until the server has closed."""
+        await asyncio.sleep(rng.uniform(0, 1.0))
+        async with websockets.connect(url, open_timeout=10) as ws:
+            async def read() -> None:
+                async for message in ws:
+                    self.received.append(message)
+
+            reader = asyncio.ensure_future(read())
+            for n in range(rng.randrange(1, 6)):
+                await asyncio.sleep(rng.uniform(0, 0.3))
+                token = f"{self.number}:{n}"
+                self.sent.append(token)
+                await ws.send(token)
+            await asyncio.sleep(rng.uniform(0, 0.2))
+        await asyncio.wait_for(reader, 10)
+
 
 def check_grammar(session: Session) -> None:
     """The frames of one connection follow §4.3, and errors and relayed texts come in the right
@@ -747,20 +762,7 @@ async def test_stress_random_join_leave(relay) -> None:
     state = relay_state(server)
 
     async def live(session: Session) -> None:
-        await asyncio.sleep(rng.uniform(0, 1.0))
-        async with websockets.connect(server.url("/" + session.room), open_timeout=10) as ws:
-            async def read() -> None:
-                async for message in ws:
-                    session.received.append(message)
-
-            reader = asyncio.ensure_future(read())
-            for n in range(rng.randrange(1, 6)):
-                await asyncio.sleep(rng.uniform(0, 0.3))
-                token = f"{session.number}:{n}"
-                session.sent.append(token)
-                await ws.send(token)
-            await asyncio.sleep(rng.uniform(0, 0.2))
-        await asyncio.wait_for(reader, 10)
+        await session.live(server.url("/" + session.room), rng)
 
     async def watch() -> None:
         for _ in range(100):

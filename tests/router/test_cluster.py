@@ -7,6 +7,7 @@ import contextlib
 import json
 import time
 from typing import Any, AsyncIterator, Awaitable, Callable
+from urllib.parse import quote
 
 import websockets
 
@@ -277,3 +278,49 @@ async def test_redis_restart_local_traffic_goes_on_and_the_cluster_recovers(redi
         assert (await recv(client_a), await recv(client_b)) == ("to all clients",) * 2
         async with sockets((b, f"id={reg_id}&key=k&sock_type=client")):
             await counted(a, reg_id, 4)
+
+
+async def commands_run(server: Any) -> dict[str, int]:
+    """Redis's count of every command run so far, by command (INFO itself left out)."""
+    stats = await server.wait(server.cluster.call("INFO", "commandstats"))
+    return {name: entry["calls"] for name, entry in stats.items() if name != "cmdstat_info"}
+
+
+async def test_an_odd_id_works_across_nodes(redis_server, serve):
+    """An id with a space, a colon, a percent sign, a slash and non-ASCII letters relays
+    across nodes, is counted, and /remove on the other node closes its sockets."""
+    a = node(serve, redis_server, "a")
+    b = node(serve, redis_server, "b")
+    odd = quote("a b:c%/\u00fc\u4e2d", safe="")
+    reg_id = await register(a, id_req=odd)
+    assert reg_id == "a b:c%/\u00fc\u4e2d"
+    async with sockets((a, f"id={odd}&key=k&sock_type=host"),
+                       (b, f"id={odd}&key=k&sock_type=client")) as (host, client):
+        await client.send("offer")
+        assert await recv(host) == "offer"
+        await host.send(b"answer")
+        assert await recv(client) == b"answer"
+        await counted(a, reg_id, 2)
+        removed = await get(b, f"/remove?id={odd}&key=k&host_key=h")
+        assert (removed.status, removed.body) == (200, b"")
+        for ws in (host, client):
+            assert await closed_with(ws) == (1000, "registration removed")
+
+
+async def test_sockets_on_one_node_relay_without_redis(redis_server, serve):
+    """Frames between a host and a client on one node run no Redis command at all."""
+    a = node(serve, redis_server, "a", node_timeout=60)
+    reg_id = await register(a)
+    async with sockets((a, f"id={reg_id}&key=k&sock_type=host"),
+                       (a, f"id={reg_id}&key=k&sock_type=client")) as (host, client):
+        await client.send("first")
+        assert await recv(host) == "first"
+        await asyncio.sleep(0.2)  # the sockets' own writes are done
+        before = await commands_run(a)
+        for i in range(100):
+            await client.send(f"offer {i}")
+            await host.send(b"answer %d" % i)
+        assert [await recv(host) for _ in range(100)] == [f"offer {i}" for i in range(100)]
+        assert [await recv(client) for _ in range(100)] == [b"answer %d" % i for i in range(100)]
+        assert await commands_run(a) == before
+

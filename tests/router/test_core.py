@@ -919,3 +919,49 @@ def test_threaded_store_serialises_writes(tmp_path: Path) -> None:
     rows = {r.id: r for r in check.open()}
     check.close()
     assert len(rows) == 91 and rows["same0001"].key_salt == b"0"
+
+
+def test_key_hashing_queue_is_bounded_and_skips_withdrawn_hashes() -> None:
+    """Hashes wait for a free thread in a bounded queue: past it a key check is refused with
+    TooManyKeyChecks at once; a waiting hash whose caller cancels is never computed."""
+    computed: list[int] = []
+    started: list[defer.Deferred[Any]] = []
+
+    def run(fn: Any) -> defer.Deferred[Any]:
+        d: defer.Deferred[Any] = defer.Deferred()
+        started.append(d)
+        d.addCallback(lambda _: (computed.append(1), fn())[1])
+        return d
+
+    keys = KeyHashing(run, concurrency=1, max_queued=2)
+    salt, digest = hash_key("k")
+    busy = keys.verify([("k", salt, digest)])
+    waiting = [keys.verify([("x", salt, digest)]) for _ in range(2)]
+    refused: list[Failure] = []
+    keys.verify([("k", salt, digest)]).addErrback(refused.append)
+    assert refused and refused[0].value.name == "TooManyKeyChecks"
+    waiting[0].cancel()
+    waiting[0].addErrback(lambda f: f.trap(defer.CancelledError))
+    started.pop(0).callback(None)
+    assert result(busy) is True
+    started.pop(0).callback(None)
+    assert result(waiting[1]) is False
+    assert len(computed) == 2 and not started
+
+
+def test_failed_key_checks_are_limited_per_address() -> None:
+    """An address that fails FAILED_ATTEMPTS_BURST key checks is refused with
+    TooManyFailedAttempts before any hash; other addresses are not, successes cost nothing,
+    and the address is given attempts back over time."""
+    router, _, clock = make_router()
+    reg = register(router)
+    for _ in range(core.FAILED_ATTEMPTS_BURST):
+        assert error_name(router.admit(reg, "wrong", HOST, "192.0.2.1")) == "IncorrectKey"
+    assert error_name(router.admit(reg, "k", HOST, "192.0.2.1")) == "TooManyFailedAttempts"
+    assert error_name(router.remove(reg, "k", "h", "192.0.2.1")) == "TooManyFailedAttempts"
+    for _ in range(core.FAILED_ATTEMPTS_BURST + 5):
+        registration, _ = result(router.admit(reg, "k", HOST, "192.0.2.2"))
+        router.abandon(registration)
+    clock.advance(1 / core.FAILED_ATTEMPTS_PER_SECOND)
+    registration, _ = result(router.admit(reg, "k", HOST, "192.0.2.1"))
+    router.abandon(registration)

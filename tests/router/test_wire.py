@@ -17,7 +17,8 @@ import pytest
 import websockets
 from twisted.logger import formatEvent, globalLogPublisher
 
-from clients import TIMEOUT, RawWebSocket, Response, closed_with, fetch, nothing_arrives, recv
+from clients import (TIMEOUT, RawWebSocket, Response, closed_with, fetch, nothing_arrives, recv,
+                     request)
 from questsig.router.core import Record, hash_key
 from questsig.router.store import SqliteFile
 
@@ -112,6 +113,19 @@ async def test_free_id_req_is_used_verbatim(serve: Any) -> None:
     """A free id_req=myhost01 is returned verbatim."""
     server = router(serve)
     assert await register(server, id_req="myhost01") == "myhost01"
+
+
+async def test_simultaneous_identical_registrations_all_get_the_id(serve: Any) -> None:
+    """Three identical registrations of the same id_req sent at once all answer with that id,
+    never a fresh one (which would live on unused), whether or not the id existed before."""
+    server = router(serve)
+    for trial in range(10):
+        wanted = f"myhost{trial:02d}"
+        for _ in range(2):  # a new id, then re-registrations of it
+            answers = await asyncio.gather(*(register(server, id_req=wanted) for _ in range(3)))
+            assert answers == [wanted] * 3
+    [core] = [r for r, _ in server.mode("router").routers.values()]
+    assert await server.wait(core.store.count()) == 10
 
 
 async def test_taken_id_req_gets_a_fresh_id_or_InUseID(serve: Any) -> None:
@@ -343,6 +357,57 @@ async def test_unknown_id_and_wrong_key(serve: Any) -> None:
         wrong = await http(server, f"/connect?id={reg}&key=K&sock_type={sock_type}",
                            headers=UPGRADE)
         assert (wrong.status, wrong.body) == (500, b"Unhandled rejection: IncorrectKey")
+
+
+async def test_abandoned_wrong_key_connects_cost_no_hashing(serve: Any) -> None:
+    """Wrong-key /connect requests whose clients leave at once (from many addresses) are not
+    hashed after they are gone: a legitimate /connect right after them is answered at once,
+    not after their queue."""
+    server = router(serve)
+    reg = await register(server)
+    [core] = [r for r, _ in server.mode("router").routers.values()]
+    hashed: list[int] = []
+    verify = core.keys.verify
+
+    def counted(checks: Any) -> Any:
+        return verify(checks).addCallback(lambda same: (hashed.append(1), same)[1])
+
+    server.call(setattr, core.keys, "verify", counted)
+    abandoned = 0
+    for address in range(2, 12):
+        for _ in range(15):
+            _, writer = await asyncio.open_connection(
+                "127.0.0.1", server.port(), local_addr=(f"127.0.0.{address}", 0))
+            writer.write(request("GET", f"/connect?id={reg}&key=wrong", UPGRADE))
+            await writer.drain()
+            writer.close()
+            abandoned += 1
+    started = time.monotonic()
+    async with connect(server, f"id={reg}&key=k&sock_type=host"):
+        took = time.monotonic() - started
+    assert took < 1.0, f"a legitimate /connect took {took:.2f} s"
+    await asyncio.sleep(0.5)
+    assert len(hashed) < abandoned / 4, f"{len(hashed)} of {abandoned} abandoned checks hashed"
+
+
+async def test_failed_key_checks_are_limited_per_address(serve: Any) -> None:
+    """After 20 wrong keys from one address its key checks get 429 before any hashing; other
+    addresses are served as before."""
+    server = router(serve)
+    reg = await register(server)
+    for _ in range(20):
+        response = await http(server, f"/connect?id={reg}&key=wrong", headers=UPGRADE)
+        assert (response.status, response.body) == (500, b"Unhandled rejection: IncorrectKey")
+    response = await http(server, f"/connect?id={reg}&key=k&sock_type=host", headers=UPGRADE)
+    assert (response.status, response.body) == \
+        (429, b"Unhandled rejection: TooManyFailedAttempts")
+    reader, writer = await asyncio.open_connection("127.0.0.1", server.port(),
+                                                   local_addr=("127.0.0.7", 0))
+    try:
+        writer.write(request("GET", f"/connect?id={reg}&key=k&sock_type=host", UPGRADE))
+        assert b" 101 " in await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), TIMEOUT)
+    finally:
+        writer.close()
 
 
 async def test_bad_ids_are_unknown_and_harmless(serve: Any) -> None:

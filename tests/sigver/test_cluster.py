@@ -8,19 +8,14 @@ from typing import Any, Awaitable, Callable
 
 import pytest
 import websockets
+from twisted.logger import formatEvent, globalLogPublisher
 
-from clients import closed_with
+from clients import close_all, closed_with
 from cluster import eventually
-from sigver.test_core import compile_spec_proto
 from sigver.test_wire import IS_END, IS_ERROR, ERR_BLOCKING_MEMBER, Peer
 
 NODE_TIMEOUT = 2.0
 INTERNAL_ERROR = 1011
-
-
-@pytest.fixture(scope="module")
-def pb(tmp_path_factory: pytest.TempPathFactory) -> Any:
-    return compile_spec_proto(tmp_path_factory.mktemp("protoc"))
 
 
 @pytest.fixture
@@ -46,11 +41,7 @@ async def connect(pb: Any) -> Any:
         return Peer(ws, pb)
 
     yield open_client
-    for ws in opened:
-        try:
-            await asyncio.wait_for(ws.close(), 5)
-        except (asyncio.TimeoutError, OSError):
-            ws.transport.abort()
+    await close_all(opened)
 
 
 async def bound(connect: Any, server: Any, member: Peer, path: str = "/k1",
@@ -294,3 +285,27 @@ async def test_redis_restart_local_bindings_go_on_and_the_cluster_recovers(
     await member.send_data(b"welcome back", got.id)
     assert (await joiner.content()).data == b"welcome back"
     later, _ = await bound(connect, b, local_member, "/k2", b"across again")
+
+
+async def test_joiners_refused_during_an_outage_log_no_traceback(nodes: Any, connect: Any,
+                                                                  redis_server: Any) -> None:
+    """While Redis is away, joiners of groups without a member on their node are closed with
+    1011, and none of them is logged as a failure (the cluster logs the outage once)."""
+    [a] = nodes(1)
+    failures: list[dict[str, Any]] = []
+
+    def observe(event: dict[str, Any]) -> None:
+        if "log_failure" in event:
+            failures.append(event)
+
+    redis_server.stop()
+    await eventually(lambda: _is(a.cluster.up, False), 10, "outage noticed")
+    globalLogPublisher.addObserver(observe)
+    try:
+        for path in ("/k5", "/k6", "/k7"):
+            stranger = await connect(a, path)
+            code, _ = await closed_with(stranger.ws)
+            assert code == INTERNAL_ERROR
+    finally:
+        globalLogPublisher.removeObserver(observe)
+    assert [formatEvent(event) for event in failures] == []

@@ -18,15 +18,9 @@ import pytest
 import websockets
 
 from clients import closed_with, nothing_arrives, recv
-from sigver.test_core import compile_spec_proto
 
 ERR_KEY, ERR_HEARTBEAT, ERR_MESSAGE, ERR_BLOCKING_MEMBER = 4001, 4002, 4003, 4004
 IS_END, IS_ERROR = b"\x20\x01", b"\x18\x01"  # sigver 18's Content fields 4 and 3, set to true
-
-
-@pytest.fixture(scope="module")
-def pb(tmp_path_factory: pytest.TempPathFactory) -> Any:
-    return compile_spec_proto(tmp_path_factory.mktemp("protoc"))
 
 
 @pytest.fixture

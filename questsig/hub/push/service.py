@@ -129,20 +129,24 @@ class PushService(Service):
         #: subscribe-push faster than SQLite commits queues one job, not one per message
         self._unwritten: dict[str, tuple[str, float]] = {}
         self._unwritten_lock = threading.Lock()
+        #: name -> the subscribe calls waiting for the write of _unwritten[name]
+        self._unacknowledged: dict[str, list[defer.Deferred[bool]]] = {}
 
     # PushSink
 
-    def subscribe(self, name: str, data: Any) -> bool:
+    def subscribe(self, name: str, data: Any) -> defer.Deferred[bool] | None:
+        """None if ``data`` is not a valid subscription; else a Deferred that fires True once
+        the store holds it (False if the store failed): only then may it be acknowledged."""
         try:
             subscription = parse_subscription(data, self.settings.allowed_hosts,
                                               self.settings.allow_private)
         except InvalidSubscription as e:
             log.info("push: invalid subscription{who}: {why}", who=self._who(name), why=str(e))
-            return False
-        self._put(name, subscription.to_json(), self.wall_clock())
+            return None
+        stored = self._put(name, subscription.to_json(), self.wall_clock())
         if self.log_names:
             log.info("push: {name!r} subscribed at {host}", name=name, host=subscription.host)
-        return True
+        return stored
 
     def connection_request(self, sender: str, target: str, online: bool) -> None:
         if online and self.settings.when == "offline":
@@ -198,28 +202,38 @@ class PushService(Service):
 
         return self.store_runner.run(fn, *args).addErrback(failed)
 
-    def _put(self, name: str, subscription: str, now: float) -> None:
+    def _put(self, name: str, subscription: str, now: float) -> defer.Deferred[bool]:
+        """Fires True once a write holding this subscription (or a newer one) has committed."""
+        stored: defer.Deferred[bool] = defer.Deferred()
         with self._unwritten_lock:
             queued = name in self._unwritten
             self._unwritten[name] = (subscription, now)
+            self._unacknowledged.setdefault(name, []).append(stored)
         if queued:
-            return
+            return stored
         ran = False
+        written: list[defer.Deferred[bool]] = []
 
-        def put_newest() -> None:  # on the store thread
+        def put_newest() -> bool:  # on the store thread
             nonlocal ran
             ran = True
             with self._unwritten_lock:
                 newest = self._unwritten.pop(name, None)
+                written.extend(self._unacknowledged.pop(name, ()))
             if newest is not None:
                 self.store.put(name, *newest)
+            return True
 
-        def never_ran(_: Any) -> None:
+        def settled(result: Any) -> None:
             if not ran:
                 with self._unwritten_lock:
                     self._unwritten.pop(name, None)
+                    written.extend(self._unacknowledged.pop(name, ()))
+            for waiter in written:
+                waiter.callback(result is True)
 
-        self._in_store(put_newest).addCallback(never_ran)
+        self._in_store(put_newest).addCallback(settled)
+        return stored
 
     def _look_up(self, target: str, not_before: float) -> Any:
         """On the store thread: ``target``'s subscription, or :data:`PACED` if a push to it
