@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import signal
 import sqlite3
 import threading
 import time
@@ -435,6 +436,33 @@ async def test_twistd_logs_the_application_server_key_and_stores_subscriptions(
     assert "questsig stopped" in proc.output
     assert f"applicationServerKey {vapid[1]}" in proc.output
     assert stored(tmp_path) == {"alice": subscription}
+
+
+async def test_every_acknowledged_subscription_survives_sigkill(
+        spawn_twistd: Any, tmp_path: Path, vapid: tuple[str, str]) -> None:
+    """SIGKILL right after the last echo of 200 subscribe-push messages: every subscription
+    whose echo arrived is in the SQLite file."""
+    proc = spawn_twistd("--endpoint", "tcp:0:interface=127.0.0.1", "--mount", "/=hub",
+                        "--state-dir", str(tmp_path), "--push-vapid-key", vapid[0],
+                        "--push-vapid-subject", SUBJECT)
+    port = await asyncio.to_thread(proc.wait_listening)
+    subscription = {"endpoint": "https://fcm.googleapis.com/fcm/send/abc",
+                    "keys": {"p256dh": vapid[1], "auth": "tBHItJI5svbpez7KI4CCXg"}}
+    message = subscribe_message(json.dumps(subscription))
+    clients = [await websockets.connect(f"ws://127.0.0.1:{port}/?user=u{i}") for i in range(200)]
+    try:
+        for ws in clients:
+            await ws.send(message)
+        acknowledged = set()
+        for i, ws in enumerate(clients):
+            assert await recv(ws) == message
+            acknowledged.add(f"u{i}")
+        proc.proc.send_signal(signal.SIGKILL)
+        await asyncio.to_thread(proc.proc.wait, 15)
+    finally:
+        for ws in clients:
+            ws.transport.abort()
+    assert set(stored(tmp_path)) >= acknowledged
 
 
 async def test_slow_push_service_does_not_delay_routing(

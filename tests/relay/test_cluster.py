@@ -391,3 +391,32 @@ async def test_a_killed_twistd_node_releases_its_places_within_the_bound(
         await expect(newcomer, WAITING)
     finally:
         on_k.transport.abort()
+
+
+async def test_an_outage_keeping_redis_data_leaves_one_place_per_waiter(
+        nodes: Any, connect: Any, redis_server: Any) -> None:
+    """After an outage in which Redis kept its data, a waiter holds exactly one place, a
+    newcomer on the other node pairs with it, and the split pair forms again."""
+    a, b = nodes(2)
+    split_a, split_b = await cross_pair(connect, a, b)
+    lone = await connect(a, "/lone")
+    await expect(lone, WAITING)
+    await a.wait(a.cluster.call("CLIENT", "PAUSE", "2500", "ALL"))
+    for server in (a, b):
+        await eventually(lambda s=server: _is(s.cluster.up, False), 10, "outage noticed")
+    await expect(split_a, CLOSE, WAITING)
+    await expect(split_b, CLOSE, WAITING)
+    for server in (a, b):
+        await eventually(lambda s=server: _is(s.cluster.up, True), 15, "recovery noticed")
+    await expect(split_a, OPEN, CONNECTED, timeout=10)
+    await expect(split_b, OPEN, CONNECTED, timeout=10)
+
+    async def one_place() -> bool:
+        return [entry.split(" ")[0] for entry in await waiters(b, "lone")] == ["a"]
+    await eventually(one_place, 5, "one place for the lone waiter")
+    newcomer = await connect(b, "/lone")
+    await expect(lone, OPEN, CONNECTED)
+    await expect(newcomer, CONNECTED)
+    await newcomer.send("found you")
+    await expect(lone, "found you")
+    assert await waiters(b, "lone") == []
