@@ -23,6 +23,7 @@ from twisted.web.server import NOT_DONE_YET
 
 from questsig.app import Mount
 from questsig.auth import Claims
+from questsig.limits import request_address
 from questsig.router.core import (
     HOST, Registration, Router, RouterError, UnknownRegistration, parse_query, route_parameters,
 )
@@ -171,7 +172,7 @@ class RouterResource(Resource):
             return _reply(request, 401, headers={b"www-authenticate": b"Bearer"})
 
         gone: list[bool] = []
-        client = _client_address(request)
+        client = request_address(request, self.factory.connections.trusted_proxies)
         if route == b"stats":
             d = self.router.stats()
             d.addCallback(self._stats, request, origin)
@@ -248,12 +249,6 @@ class RouterResource(Resource):
         body = json.dumps({"registrations": registrations, "system": memory_kib()},
                           separators=(",", ":"), sort_keys=True, ensure_ascii=False)
         return _reply(request, 200, body.encode("utf-8"), origin)
-
-
-def _client_address(request: Any) -> str | None:
-    """The address whose failed key checks are counted."""
-    address = request.getClientAddress()
-    return getattr(address, "host", None)
 
 
 def bind_registration(claims: Claims, params: Mapping[str, str]) -> None:

@@ -390,6 +390,26 @@ async def test_abandoned_wrong_key_connects_cost_no_hashing(serve: Any) -> None:
     assert len(hashed) < abandoned / 4, f"{len(hashed)} of {abandoned} abandoned checks hashed"
 
 
+async def test_failed_key_checks_count_the_forwarded_address_behind_a_trusted_proxy(
+        serve: Any) -> None:
+    """Behind a listed proxy, failed key checks are counted per X-Forwarded-For client: one
+    client's 20 wrong keys do not lock out another behind the same proxy."""
+    server = serve(mounts=["/=router"],
+                   overrides={"": {"log-requests": True, "trusted-proxies": ["127.0.0.1"]}})
+    reg = await register(server)
+    for _ in range(20):
+        response = await http(server, f"/connect?id={reg}&key=wrong",
+                              headers={**UPGRADE, "X-Forwarded-For": "203.0.113.5"})
+        assert (response.status, response.body) == (500, b"Unhandled rejection: IncorrectKey")
+    response = await http(server, f"/connect?id={reg}&key=wrong",
+                          headers={**UPGRADE, "X-Forwarded-For": "203.0.113.5"})
+    assert (response.status, response.body) == \
+        (429, b"Unhandled rejection: TooManyFailedAttempts")
+    response = await http(server, f"/connect?id={reg}&key=wrong",
+                          headers={**UPGRADE, "X-Forwarded-For": "203.0.113.6"})
+    assert (response.status, response.body) == (500, b"Unhandled rejection: IncorrectKey")
+
+
 async def test_failed_key_checks_are_limited_per_address(serve: Any) -> None:
     """After 20 wrong keys from one address its key checks get 429 before any hashing; other
     addresses are served as before."""
