@@ -1,15 +1,19 @@
-"""A real ``redis-server`` for cluster tests: loopback, a free port, data in a temp dir, no
-persistence (a restart forgets everything, as a crashed Redis without persistence would)."""
+"""What cluster tests share: a real ``redis-server`` (loopback, a free port, data in a temp dir,
+no persistence: a restart forgets everything, as a crashed Redis without persistence would),
+bounded polling, and hub clients that claim a name."""
 from __future__ import annotations
 
 import asyncio
 import inspect
+import json
 import shutil
 import socket
 import subprocess
 import time
 from pathlib import Path
 from typing import Any, Callable
+
+from clients import recv
 
 REDIS_SERVER = shutil.which("redis-server") or "/usr/bin/redis-server"
 
@@ -106,3 +110,24 @@ class RedisServer:
             return (self.directory / "redis.log").read_text()
         except OSError:
             return ""
+
+
+def one_to_one(to: str, data: str) -> str:
+    """A hub one-to-one message."""
+    return json.dumps({"protocol": "one-to-one", "endpoint": to, "data": data})
+
+
+async def claim(connect: Callable[[str], Any], url: str, name: str) -> Any:
+    """A hub client holding ``name``, or None when the name is taken: a message to its own
+    name reaches it only as the holder (a duplicate first hears that the name is taken, since
+    its frames wait behind its registration)."""
+    ws = await connect(url)
+    probe = one_to_one(name, "probe")
+    await ws.send(probe)
+    try:
+        if await recv(ws, 2) == probe:
+            return ws
+    except asyncio.TimeoutError:
+        pass
+    ws.transport.abort()
+    return None

@@ -4,7 +4,6 @@ SIGKILL has its names and pairs released by the survivor within the bound."""
 from __future__ import annotations
 
 import asyncio
-import json
 import shutil
 import signal
 import socket
@@ -17,6 +16,7 @@ import pytest
 import websockets
 
 from clients import recv
+from cluster import claim, one_to_one
 
 pytestmark = pytest.mark.skipif(
     shutil.which("haproxy") is None or shutil.which("redis-server") is None,
@@ -143,26 +143,6 @@ async def expect(ws: Any, *messages: Any, timeout: float = 5) -> None:
     """The next messages are exactly these, in this order."""
     for message in messages:
         assert await recv(ws, timeout) == message
-
-
-def one_to_one(to: str, data: str) -> str:
-    return json.dumps({"protocol": "one-to-one", "endpoint": to, "data": data})
-
-
-async def claim(connect: Callable[[str], Any], url: str, name: str) -> Any:
-    """A hub client holding ``name``, or None when the name is taken: the client sends to its
-    own name, which reaches it only as the holder (a duplicate first hears that the name is
-    taken, since its frames wait behind its registration)."""
-    ws = await connect(url)
-    probe = one_to_one(name, "probe")
-    await ws.send(probe)
-    try:
-        if await recv(ws, 2) == probe:
-            return ws
-    except asyncio.TimeoutError:
-        pass
-    ws.transport.abort()
-    return None
 
 
 async def test_haproxy_spreads_websockets_over_nodes(redis_server, spawn_twistd, haproxy,

@@ -16,7 +16,7 @@ import pytest
 import websockets
 
 from clients import close_all, fetch, nothing_arrives, recv
-from cluster import RedisServer
+from cluster import RedisServer, claim, one_to_one
 from conftest import Twistd
 from fledger.nodes import Key, Node, challenge_of, join, listed, peer_setup, pubkeys
 from sigver.test_core import compile_spec_proto
@@ -95,25 +95,6 @@ async def expect(ws: Any, *messages: Any, timeout: float = 5) -> None:
     """The next messages are exactly these, in this order."""
     for message in messages:
         assert await recv(ws, timeout) == message
-
-
-def one_to_one(to: str, data: str) -> str:
-    return json.dumps({"protocol": "one-to-one", "endpoint": to, "data": data})
-
-
-async def claim(connect: Any, url: str, name: str) -> Any:
-    """A hub client holding ``name``, or None when the name is taken: a message to its own
-    name reaches it only as the holder (a duplicate first hears that the name is taken)."""
-    ws = await connect(url)
-    probe = one_to_one(name, "probe")
-    await ws.send(probe)
-    try:
-        if await recv(ws, 2) == probe:
-            return ws
-    except asyncio.TimeoutError:
-        pass
-    ws.transport.abort()
-    return None
 
 
 def peerjs_path(peer_id: str, token: str) -> str:
