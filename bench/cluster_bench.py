@@ -49,6 +49,8 @@ class Node:
                 [TWISTD, "-n", "--pidfile=", *(["-r", reactor] if reactor else []), "questsig",
                  "--endpoint", "tcp:0:interface=127.0.0.1:backlog=1024",
                  "--mount", "/relay=pair-relay", "--set", "pair-relay.ping-interval=0",
+                 "--set", "pair-relay.messages-per-second=0",
+                 "--set", "pair-relay.connections-per-address-per-second=0",
                  "--state-dir", str(directory), *args],
                 cwd=directory, stdout=out, stderr=subprocess.STDOUT, env=env)
         self.port = self._wait_port()

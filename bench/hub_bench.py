@@ -19,16 +19,27 @@ from pathlib import Path
 
 import websockets
 
+from questsig import app
+
 TWISTD = str(Path(sys.executable).with_name("twistd"))
+
+
+def unlimited(modes: list[str]) -> list[str]:
+    """``--set`` options that turn the abuse limits off for ``modes``: a benchmark is one
+    client address sending as fast as it can, which is exactly what they are there to stop."""
+    return [a for mode in modes for key in ("messages-per-second", "max-connections-per-address",
+                                            "connections-per-address-per-second")
+            for a in ("--set", f"{mode}.{key}=0")]
 
 
 def start_server(mounts: tuple[str, ...] = ("/=hub",)) -> tuple[subprocess.Popen, int]:
     """`twistd -n questsig` on a free loopback port, with the given mounts (none: every mode
     under its default prefix); the process and its port."""
     args = [a for m in mounts for a in ("--mount", m)]
+    modes = [m.partition("=")[2] for m in mounts] or list(app.MODULES)
     proc = subprocess.Popen([TWISTD, "-n", "--pidfile=", "questsig", "--endpoint",
                              "tcp:0:interface=127.0.0.1:backlog=1024", *args,
-                             "--set", "hub.ping-interval=0"],
+                             "--set", "hub.ping-interval=0", *unlimited(modes)],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     assert proc.stdout is not None
     for line in proc.stdout:

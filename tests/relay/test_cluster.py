@@ -24,10 +24,12 @@ OPEN, CLOSE = "/remote:open", "/remote:close"
 
 @pytest.fixture
 def nodes(redis_server: Any, serve: Any) -> Callable[..., list[Any]]:
-    """``nodes(n)``: n pair-relay nodes ("a", "b", ...) on / sharing one Redis."""
+    """``nodes(n)``: n pair-relay nodes ("a", "b", ...) on / sharing one Redis. Their clients
+    all come from one loopback address, so the per-address connection rate is off."""
     def start(n: int = 2) -> list[Any]:
         return [serve(mounts=["/=pair-relay"], redis=redis_server.url,
                       node_id=chr(ord("a") + i), node_timeout=NODE_TIMEOUT,
+                      sets=["pair-relay.connections-per-address-per-second=0"],
                       overrides={"": {"client": False}})
                 for i in range(n)]
     return start
