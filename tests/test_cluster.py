@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import signal
+import socket
+import ssl
 import subprocess
 import time
+from pathlib import Path
 from typing import Any, Callable, Iterator
+from urllib.parse import quote
 
 import pytest
 import pytest_twisted
@@ -14,7 +18,8 @@ import websockets
 from twisted.internet.defer import Deferred
 from twisted.logger import LogLevel, formatEvent, globalLogPublisher
 
-from cluster import eventually
+import certs
+from cluster import REDIS_SERVER, RedisServer, eventually
 from conftest import twistd_path
 from questsig import config
 from questsig.cluster import Cluster, ClusterUnavailable, CommandError, Requests
@@ -556,3 +561,121 @@ async def test_requests_forget_nodes_silent_long_ago(nodes) -> None:
     assert await wait(requests.ask("gone-last", "o")) is None
     assert set(requests.silent) == {"gone-last"}
     assert requests.waiting == {}
+
+
+# -- Redis over TLS --------------------------------------------------------------------------------
+
+class TLSRedisServer(RedisServer):
+    """``redis-server`` listening with TLS only (no plain port), the certificate for 127.0.0.1
+    from ``pki``, and the password ``secret``."""
+
+    def __init__(self, directory: Path, pki: certs.TestPKI):
+        super().__init__(directory)
+        self.pki = pki
+        # Redis sends what this file holds: the leaf, then the intermediate
+        self.cert_file = self.directory / "server-chain.pem"
+        self.cert_file.write_bytes(pki.cert.read_bytes() + pki.chain.read_bytes())
+
+    def rediss_url(self, ca: Path) -> str:
+        return f"rediss://:secret@127.0.0.1:{self.port}/0?ssl_ca_certs={quote(str(ca))}"
+
+    def start(self, timeout: float = 10) -> "TLSRedisServer":
+        assert not self.running, "redis-server is already running"
+        stderr = self.directory / "stderr"
+        with stderr.open("wb") as err:
+            self.proc = subprocess.Popen(
+                [REDIS_SERVER, "--port", "0", "--tls-port", str(self.port), "--bind", "127.0.0.1",
+                 "--tls-cert-file", str(self.cert_file), "--tls-key-file", str(self.pki.key),
+                 "--tls-ca-cert-file", str(self.pki.ca), "--tls-auth-clients", "no",
+                 "--requirepass", "secret", "--save", "", "--appendonly", "no",
+                 "--dir", str(self.directory), "--logfile", str(self.directory / "redis.log")],
+                stdout=subprocess.DEVNULL, stderr=err)
+        deadline = time.monotonic() + timeout
+        while not self.ping():
+            if self.proc.poll() is not None:
+                self.proc = None
+                said = stderr.read_text() + self.log()
+                if "TLS" in said and ("not supported" in said or "Bad directive" in said):
+                    pytest.skip(f"this redis-server has no TLS support: {said.strip()}")
+                raise AssertionError("redis-server exited at start:\n" + said)
+            if time.monotonic() > deadline:
+                self.kill()
+                raise AssertionError("redis-server did not answer PING over TLS:\n" + self.log())
+            time.sleep(0.02)
+        return self
+
+    def ping(self) -> bool:
+        context = ssl.create_default_context(cafile=str(self.pki.ca))
+        try:
+            with socket.create_connection(("127.0.0.1", self.port), timeout=1) as raw, \
+                    context.wrap_socket(raw, server_hostname="127.0.0.1") as s:
+                s.sendall(b"AUTH secret\r\nPING\r\n")
+                answer = b""
+                while b"+PONG" not in answer and len(answer) < 64:
+                    chunk = s.recv(64)
+                    if not chunk:
+                        break
+                    answer += chunk
+                return b"+PONG" in answer
+        except OSError:
+            return False
+
+
+@pytest.fixture
+def tls_redis(tmp_path: Path) -> Iterator[TLSRedisServer]:
+    """A real ``redis-server`` with TLS and a password on a free loopback port; killed after
+    the test."""
+    (tmp_path / "pki").mkdir()
+    pki = certs.make_pki(tmp_path / "pki")
+    server = TLSRedisServer(tmp_path / "redis-tls", pki)
+    try:
+        yield server.start()
+    finally:
+        server.kill()
+
+
+async def test_rediss_with_a_private_ca_and_a_password(tls_redis, serve, cluster_log) -> None:
+    """Two nodes reach a TLS-only Redis with a password through ``rediss://`` and
+    ``ssl_ca_certs``, exchange a message, and log the URL without the password."""
+    url = tls_redis.rediss_url(tls_redis.pki.ca)
+    a = serve(mounts=["/=hub"], redis=url, node_id="a", node_timeout=TIMEOUT)
+    b = serve(mounts=["/=hub"], redis=url, node_id="b", node_timeout=TIMEOUT)
+    inbox = Inbox(b.cluster, "t")
+    assert await wait(a.cluster.call("PING")) is True
+    assert await wait(b.cluster.call("PING")) is True
+    assert a.cluster.up and b.cluster.up
+    a.cluster.send("b", "t", b"over TLS")
+    assert await inbox.wait_for(1) == [("a", b"over TLS")]
+    await eventually(lambda: a.cluster.is_alive("b") and b.cluster.is_alive("a"), 3 * TIMEOUT,
+                     "each node sees the other")
+    lines = lines_of(cluster_log, a.cluster) + lines_of(cluster_log, b.cluster)
+    assert lines and all("rediss://:***@127.0.0.1:" in line for line in lines), lines
+    assert all("secret" not in line for line in lines), lines
+
+
+async def test_rediss_with_the_wrong_ca_is_an_outage(tls_redis, tmp_path, cluster_log) -> None:
+    """A Redis certificate the given CA did not sign is an outage: logged once, in one line,
+    without the password; calls fail at once; the node retries and stays down."""
+    from twisted.internet import reactor
+
+    (tmp_path / "other").mkdir()
+    other = certs.make_pki(tmp_path / "other")
+    node = Cluster(tls_redis.rediss_url(other.ca), reactor, node_id="w", node_timeout=TIMEOUT)
+    seen = Events()
+    node.on_availability(seen)
+    node.startService()
+    try:
+        await seen.wait_for(lambda items: items == [False], 5)
+        started = time.monotonic()
+        with pytest.raises(ClusterUnavailable):
+            await wait(node.call("PING"))
+        assert time.monotonic() - started < 0.5
+        await asyncio.sleep(1)  # several attempts, failing the same way
+        assert not node.up and seen.items == [False]
+    finally:
+        await wait(node.stopService())
+    problems = [e for e in cluster_log
+                if e["log_source"] is node and e["log_level"] >= LogLevel.warn]
+    assert len(problems) == 1, lines_of(cluster_log, node)
+    assert "CERTIFICATE_VERIFY_FAILED" in formatEvent(problems[0]), formatEvent(problems[0])
+    assert all("secret" not in line for line in lines_of(cluster_log, node))
