@@ -329,6 +329,17 @@ async def limited_user(admin: Cluster, *rules: str) -> None:
                           "+@all", *rules))
 
 
+async def starts_down_and_fails_fast(node: Cluster, seen: Events) -> None:
+    """``node`` reports Redis unavailable, a call fails at once rather than waiting, and a
+    second of retries passes (each attempt failing the same way)."""
+    await seen.wait_for(lambda items: items == [False], 5)
+    started = time.monotonic()
+    with pytest.raises(ClusterUnavailable):
+        await wait(node.call("PING"))
+    assert time.monotonic() - started < 0.5
+    await asyncio.sleep(1)
+
+
 async def test_a_refused_command_is_one_line_and_the_node_joins_once_allowed(
         nodes, redis_server, cluster_log) -> None:
     """A refused command (ACL) is one log line naming it; the node retries, joins once allowed."""
@@ -340,12 +351,7 @@ async def test_a_refused_command_is_one_line_and_the_node_joins_once_allowed(
     node.on_availability(seen)
     node.startService()
     try:
-        await seen.wait_for(lambda items: items == [False], 5)
-        started = time.monotonic()
-        with pytest.raises(ClusterUnavailable):
-            await wait(node.call("PING"))
-        assert time.monotonic() - started < 0.5
-        await asyncio.sleep(1)  # several attempts, refused the same way
+        await starts_down_and_fails_fast(node, seen)
         problems = [e for e in cluster_log
                     if e["log_source"] is node and e["log_level"] >= LogLevel.warn]
         assert len(problems) == 1
@@ -665,12 +671,7 @@ async def test_rediss_with_the_wrong_ca_is_an_outage(tls_redis, tmp_path, cluste
     node.on_availability(seen)
     node.startService()
     try:
-        await seen.wait_for(lambda items: items == [False], 5)
-        started = time.monotonic()
-        with pytest.raises(ClusterUnavailable):
-            await wait(node.call("PING"))
-        assert time.monotonic() - started < 0.5
-        await asyncio.sleep(1)  # several attempts, failing the same way
+        await starts_down_and_fails_fast(node, seen)
         assert not node.up and seen.items == [False]
     finally:
         await wait(node.stopService())
