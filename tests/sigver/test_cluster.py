@@ -12,7 +12,7 @@ from twisted.logger import formatEvent, globalLogPublisher
 
 from clients import close_all, closed_with
 from cluster import eventually
-from sigver.test_wire import IS_END, IS_ERROR, ERR_BLOCKING_MEMBER, Peer
+from sigver.test_wire import IS_END, IS_ERROR, ERR_BLOCKING_MEMBER, Peer, joiners_send
 
 NODE_TIMEOUT = 2.0
 INTERNAL_ERROR = 1011
@@ -121,15 +121,7 @@ async def test_ten_joiners_on_two_nodes_get_distinct_ids_and_their_own_replies(
     joiners = await asyncio.gather(*(connect((a, b)[i % 2], "/crowd") for i in range(10)))
     assert all(await asyncio.gather(*(j.is_first() for j in joiners))) is False
 
-    async def joiner_sends(index: int, joiner: Peer) -> None:
-        for n in range(20):
-            await joiner.send_data(f"j{index}:{n}".encode())
-
-    await asyncio.gather(*(joiner_sends(i, j) for i, j in enumerate(joiners)))
-    by_id: dict[int, list[bytes]] = {}
-    for _ in range(200):
-        got = await member.content()
-        by_id.setdefault(got.id, []).append(got.data)
+    by_id = await joiners_send(member, joiners)
     assert len(by_id) == 10
     ids = await a.wait(a.cluster.call("SMEMBERS", a.cluster.key("sigver", "ids", "crowd")))
     assert sorted(int(v) for v in ids) == sorted(by_id)

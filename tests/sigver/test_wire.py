@@ -487,6 +487,20 @@ async def test_default_prefix_and_keys_with_slashes(serve: Any, pb: Any) -> None
         await clients.close_all()
 
 
+async def joiners_send(member: Peer, joiners: list[Peer]) -> dict[int, list[bytes]]:
+    """Every joiner sends 20 numbered contents at once; what ``member`` got, by routing id."""
+    async def joiner_sends(index: int, joiner: Peer) -> None:
+        for n in range(20):
+            await joiner.send_data(f"j{index}:{n}".encode())
+
+    await asyncio.gather(*(joiner_sends(i, j) for i, j in enumerate(joiners)))
+    by_id: dict[int, list[bytes]] = {}
+    for _ in range(20 * len(joiners)):
+        got = await member.content()
+        by_id.setdefault(got.id, []).append(got.data)
+    return by_id
+
+
 async def test_ten_joiners_exchange_in_order(clients: Clients) -> None:
     """22: ten joiners at once on one key each exchange 20 contents with the member; all arrive,
     in order, at the right peer."""
@@ -494,15 +508,7 @@ async def test_ten_joiners_exchange_in_order(clients: Clients) -> None:
     joiners = await asyncio.gather(*(clients.connect("/crowd") for _ in range(10)))
     assert all(await asyncio.gather(*(j.is_first() for j in joiners))) is False
 
-    async def joiner_sends(index: int, joiner: Peer) -> None:
-        for n in range(20):
-            await joiner.send_data(f"j{index}:{n}".encode())
-
-    await asyncio.gather(*(joiner_sends(i, j) for i, j in enumerate(joiners)))
-    by_id: dict[int, list[bytes]] = {}
-    for _ in range(200):
-        got = await member.content()
-        by_id.setdefault(got.id, []).append(got.data)
+    by_id = await joiners_send(member, joiners)
     assert len(by_id) == 10
     owner: dict[int, int] = {}
     for routing_id, datas in by_id.items():
