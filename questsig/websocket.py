@@ -23,6 +23,7 @@ A mode's protocol subclasses :class:`Connection`, which is what the mode's core 
 from __future__ import annotations
 
 import pprint
+import struct
 import time
 import types
 from dataclasses import dataclass
@@ -31,7 +32,7 @@ from typing import Any, Callable, Iterator, Mapping
 
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
 from autobahn.util import encode_truncate
-from autobahn.websocket.protocol import WebSocketProtocol
+from autobahn.websocket.protocol import TrafficStats, WebSocketProtocol
 from twisted.internet import defer
 from twisted.internet.interfaces import IPushProducer
 from twisted.logger import Logger
@@ -48,15 +49,37 @@ from questsig.settings import DEFAULT_MAX_SEND_BUFFER, DEFAULT_OPEN_HANDSHAKE_TI
 
 log = Logger()
 
-#: client frames shorter than this are unmasked in Python (:class:`_SmallMasker`)
-SMALL_FRAME = 1024
+try:
+    # the C mask of the websockets package: 0.5 µs for 3,000 bytes, against 14 µs for one
+    # big-integer XOR and 6 µs for Autobahn's cffi masker (most of it set-up, per frame)
+    from websockets.speedups import apply_mask as _apply_mask
+except ImportError:  # pragma: no cover - websockets built without its C extension
+    def _apply_mask(data: bytes, mask: bytes) -> bytes:
+        n = len(data)
+        return (int.from_bytes(data, "little")
+                ^ int.from_bytes((mask * ((n >> 2) + 1))[:n], "little")).to_bytes(n, "little")
+
+#: the largest client frame :meth:`Connection._dataReceived` reads itself (a 16-bit length);
+#: longer ones, and anything but a whole masked text or binary frame, go to Autobahn
+FAST_FRAME = 0xFFFF
+_HEADER16 = struct.Struct("!BBH")
+_HEADER64 = struct.Struct("!BBQ")
 
 
-class _SmallMasker:
-    """Unmasks a short client frame with one big-integer XOR. Autobahn's cffi masker costs
-    about 5 µs to set up for every frame, more than this whole XOR below about 1 KiB; above
-    it the cffi one is faster. Autobahn may feed a frame in several pieces: the offset into
-    the mask carries over."""
+def frame(payload: bytes, binary: bool = False) -> bytes:
+    """One unfragmented, unmasked server frame carrying ``payload``."""
+    n = len(payload)
+    opcode = 0x82 if binary else 0x81
+    if n < 126:
+        return bytes((opcode, n)) + payload
+    if n < 0x10000:
+        return _HEADER16.pack(opcode, 126, n) + payload
+    return _HEADER64.pack(opcode, 127, n) + payload
+
+
+class _Masker:
+    """Unmasks a client frame for Autobahn (which may feed it in several pieces: the offset
+    into the mask carries over) with :func:`_apply_mask`."""
 
     __slots__ = ("_mask", "_ptr")
 
@@ -71,12 +94,9 @@ class _SmallMasker:
         self._ptr = 0
 
     def process(self, data: bytes) -> bytes:
-        n = len(data)
         shift = self._ptr & 3
-        mask = self._mask[shift:] + self._mask[:shift]
-        self._ptr += n
-        return (int.from_bytes(data, "little")
-                ^ int.from_bytes((mask * ((n >> 2) + 1))[:n], "little")).to_bytes(n, "little")
+        self._ptr += len(data)
+        return _apply_mask(data, self._mask[shift:] + self._mask[:shift] if shift else self._mask)
 
 
 class _LazyFormat:
@@ -98,7 +118,7 @@ class _LazyFormat:
 
 def _tune_autobahn() -> None:
     """Autobahn's per-frame costs that questsig does not need, removed once per process:
-    a cffi masker built for every short client frame, and the highlighted names and
+    a cffi masker built for every client frame, and the highlighted names and
     pretty-printed options it formats for debug log lines (built even though those lines are
     dropped)."""
     from autobahn.twisted import websocket as twisted_websocket
@@ -106,12 +126,8 @@ def _tune_autobahn() -> None:
 
     if getattr(protocol, "_questsig_tuned", False):
         return
-    create = protocol.create_xor_masker
-
     def create_xor_masker(mask: bytes, length: int | None = None) -> Any:
-        if length is not None and length < SMALL_FRAME:
-            return _SmallMasker(mask)
-        return create(mask, length)
+        return _Masker(mask)
 
     def unhighlighted(value: Any, *args: Any, **kwargs: Any) -> Any:
         return value
@@ -161,6 +177,11 @@ class _AutobahnLog:
 
 _AUTOBAHN_LOG = _AutobahnLog(verbose=False)
 _AUTOBAHN_LOG_VERBOSE = _AutobahnLog(verbose=True)
+
+_OPEN = WebSocketProtocol.STATE_OPEN
+#: the first byte of a frame Connection._dataReceived reads itself (FIN, no RSV bits, text or
+#: binary), and whether it is binary
+_FAST_OPCODES = {0x81: False, 0x82: True}
 
 GOING_AWAY = 1001
 PROTOCOL_ERROR = 1002
@@ -267,6 +288,28 @@ class _SendBufferWatch:
         pass
 
 
+class _NoQueue:
+    """Stands in for Autobahn's per-connection write queue (a deque of about 700 bytes),
+    which only ``sync`` and ``chopsize`` writes use; questsig makes neither."""
+
+    __slots__ = ()
+
+    def __len__(self) -> int:
+        return 0
+
+    def append(self, item: Any) -> None:
+        raise RuntimeError("questsig writes neither with sync nor with chopsize")
+
+
+_NO_QUEUE = _NoQueue()
+#: the attributes Connection._forget_handshake drops
+_FORGOTTEN = ("http_request_data", "http_response_data", "http_status_line", "http_request_uri",
+              "http_request_host", "http_request_path", "http_headers", "http_request_params",
+              "websocket_origin", "websocket_extensions", "websocket_extensions_in_use",
+              "websocket_protocols", "_wskey", "_transport_details", "_results", "_valid_events",
+              "trafficStats", "send_queue", "_upgrade_started")
+
+
 class Connection(WebSocketServerProtocol):
     """Base protocol: a peer as the cores see it, plus registration for shutdown."""
 
@@ -279,7 +322,6 @@ class Connection(WebSocketServerProtocol):
     #: time of the last frame from the client) all the per-message state of the limits
     _budget_at = 0.0
     _heard = 0.0
-    _idle_call: Any = None
     #: (limits, key) of the per-address count this connection holds
     _address_hold: tuple[AddressLimits, str] | None = None
     #: the counters of this connection's mount once it is open; until then a sink nobody reads
@@ -314,15 +356,39 @@ class Connection(WebSocketServerProtocol):
             traffic.opened += 1
             if self._upgrade_started is not None:
                 traffic.handshake.observe(time.monotonic() - self._upgrade_started)
+        self._forget_handshake()
         if self.factory.connections.shutting_down:
             # a handshake that completed after shutdown closed every socket
             self.close(GOING_AWAY, "server shutting down")
             return
         self._heard = self._budget_at = monotonic()
-        idle = self.factory.idle_timeout
-        if idle:
-            self._idle_call = self.factory.reactor.callLater(idle, self._idle_check)
+        sweep = self.factory.idle_sweep
+        if sweep is not None:
+            sweep.add(self)
         self._contained("failed to open a connection", self.opened)
+
+    def _forget_handshake(self) -> None:
+        # What Autobahn keeps on every connection and questsig never reads once it is open
+        # (about 2.5 KiB): the request and response as text, the parsed headers, the
+        # transport details, an event table, a write queue questsig never fills (it never
+        # sends with ``sync`` or ``chopsize``) and a traffic-statistics object. Reads find the
+        # class defaults below.
+        attributes = self.__dict__
+        for name in _FORGOTTEN:
+            attributes.pop(name, None)
+
+    # the defaults of what _forget_handshake drops
+    http_request_data = http_response_data = http_status_line = b""
+    http_request_uri = http_request_host = http_request_path = websocket_origin = None
+    http_headers: Mapping[str, Any] = types.MappingProxyType({})
+    http_request_params: Mapping[str, Any] = types.MappingProxyType({})
+    websocket_extensions: tuple[Any, ...] = ()
+    websocket_extensions_in_use: tuple[Any, ...] = ()
+    websocket_protocols: tuple[Any, ...] = ()
+    _wskey = None
+    _transport_details = None
+    trafficStats = TrafficStats()  # a sink: questsig turns Autobahn's statistics off
+    send_queue = _NO_QUEUE
 
     def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
         self.factory.connections.discard(self)
@@ -350,8 +416,9 @@ class Connection(WebSocketServerProtocol):
     def _detach(self) -> None:
         if not self._detached:
             self._detached = True
-            if self._idle_call is not None and self._idle_call.active():
-                self._idle_call.cancel()
+            sweep = self.factory.idle_sweep
+            if sweep is not None:
+                sweep.discard(self)
             self.closed()
 
     def connectionLost(self, reason: Any) -> None:
@@ -415,6 +482,72 @@ class Connection(WebSocketServerProtocol):
                             self.message_is_binary)
         self.message_data = None
 
+    #: the start of a frame :meth:`_dataReceived` reads itself, kept until the rest arrives
+    _partial = b""
+    #: the longest frame _dataReceived reads itself (set by make_factory under the limits)
+    _fast_limit = 0
+
+    def _dataReceived(self, data: bytes) -> None:
+        # The hot path: while the connection is open and Autobahn is between messages, whole
+        # masked text and binary frames up to 64 KiB with FIN set and no RSV bits are read
+        # here in one pass, without Autobahn's per-frame callbacks, and their payload goes
+        # straight to _onMessage. Anything else (control frames, fragments, longer or
+        # malformed frames, text that is not UTF-8) is handed to Autobahn from its first
+        # byte, so its checks and close codes are unchanged.
+        if self._partial:
+            data, self._partial = self._partial + data, b""
+        if (self.state != _OPEN or self.current_frame is not None or self.inside_message
+                or self.data or self._perMessageCompress is not None):
+            WebSocketServerProtocol._dataReceived(self, data)
+            return
+        n = len(data)
+        pos = 0
+        limit = self._fast_limit
+        heard = False
+        while pos < n:
+            if n - pos < 6:
+                if data[pos] in _FAST_OPCODES and (n - pos < 2 or data[pos + 1] & 0x80):
+                    self._partial = data[pos:]
+                    pos = n
+                break
+            binary = _FAST_OPCODES.get(data[pos])
+            length = data[pos + 1] ^ 0x80
+            if binary is None or length > 126:  # another frame, unmasked, or a 64-bit length
+                break
+            if length < 126:
+                start = pos + 6
+            elif n - pos < 8:
+                self._partial = data[pos:]
+                pos = n
+                break
+            else:
+                length = (data[pos + 2] << 8) | data[pos + 3]
+                if length < 126:  # not the shortest encoding: Autobahn's 1002
+                    break
+                start = pos + 8
+            if length > limit:  # Autobahn's 1009
+                break
+            end = start + length
+            if end > n:
+                self._partial = data[pos:]
+                pos = n
+                break
+            payload = _apply_mask(data[start:end], data[start - 4:start])
+            if not binary and not payload.isascii():
+                try:
+                    payload.decode("utf-8")
+                except UnicodeDecodeError:
+                    break  # Autobahn closes with 1007
+            pos = end
+            heard = True
+            self._onMessage(payload, binary)
+            if self.state != _OPEN:
+                break
+        if heard and self.autoPingTimeoutCall and self.autoPingRestartOnAnyTraffic:
+            self._cancelAutoPingTimeoutCall()
+        if pos < n:
+            WebSocketServerProtocol._dataReceived(self, data[pos:] if pos else data)
+
     def _onMessage(self, payload: bytes, isBinary: bool) -> None:
         now = self._heard = monotonic()
         interval = self.factory.message_interval
@@ -430,7 +563,11 @@ class Connection(WebSocketServerProtocol):
         traffic = self._traffic
         traffic.received += 1
         if traffic.received & (ROUTING_SAMPLE - 1):
-            self._contained("failed to handle a message", self.onMessage, payload, isBinary)
+            try:
+                self.onMessage(payload, isBinary)
+            except Exception:
+                log.failure("failed to handle a message")
+                self.close(INTERNAL_ERROR, "internal error")
             return
         started = time.perf_counter()
         self._contained("failed to handle a message", self.onMessage, payload, isBinary)
@@ -448,16 +585,10 @@ class Connection(WebSocketServerProtocol):
         self._heard = monotonic()
         super()._onPong(payload)
 
-    def _idle_check(self) -> None:
-        self._idle_call = None
-        if self.state != WebSocketProtocol.STATE_OPEN:
-            return
-        idle = self.factory.idle_timeout
-        quiet = monotonic() - self._heard
-        if quiet >= idle:
+    def idle_timeout(self) -> None:
+        """Nothing came from the client for ``idle-timeout`` seconds."""
+        if self.state == _OPEN:
             self.close(GOING_AWAY, "idle timeout")
-        else:
-            self._idle_call = self.factory.reactor.callLater(idle - quiet, self._idle_check)
 
     def _contained(self, failure: str, handler: Callable[..., None], *args: Any) -> None:
         try:
@@ -526,18 +657,22 @@ class Connection(WebSocketServerProtocol):
         # Autobahn applies maxMessagePayloadSize to what it sends, too; that limit is for what
         # clients send us, and a server-made frame (an error quoting the client's text) may
         # legitimately be a little longer.
-        limit, self.maxMessagePayloadSize = self.maxMessagePayloadSize, 0
-        try:
-            self.sendMessage(payload, isBinary=binary)
-        finally:
-            self.maxMessagePayloadSize = limit
+        if type(payload) is bytes and self._perMessageCompress is None and not self.send_queue:
+            self.transport.write(frame(payload, binary))
+        else:
+            limit, self.maxMessagePayloadSize = self.maxMessagePayloadSize, 0
+            try:
+                self.sendMessage(payload, isBinary=binary)
+            finally:
+                self.maxMessagePayloadSize = limit
         self._traffic.sent += 1
 
-    def send_prepared(self, prepared: Any, size: int) -> None:
-        """Like :meth:`send`, for a frame built once with ``factory.prepareMessage``."""
-        if self.state != WebSocketProtocol.STATE_OPEN or self._over_send_limit(size):
+    def send_frame(self, framed: bytes, size: int) -> None:
+        """Like :meth:`send`, for a frame built once with :func:`frame` (questsig never
+        negotiates compression, so one frame serves every receiver)."""
+        if self.state != _OPEN or self._over_send_limit(size):
             return
-        self.sendPreparedMessage(prepared)
+        self.transport.write(framed)
         self._traffic.sent += 1
 
     def sendPong(self, payload: bytes | None = None) -> None:
@@ -575,14 +710,53 @@ def broadcast(peers: list[Any], payload: bytes, binary: bool = False) -> None:
     """Send one message to many connections, framing it once: server frames are not masked,
     so the same bytes serve every receiver. Peers that are not :class:`Connection` (test
     doubles) get an ordinary ``send``."""
-    prepared = None
+    framed = None
     for peer in peers:
         if isinstance(peer, Connection):
-            if prepared is None:
-                prepared = peer.factory.prepareMessage(payload, isBinary=binary)
-            peer.send_prepared(prepared, len(payload))
+            if framed is None:
+                framed = frame(payload, binary)
+            peer.send_frame(framed, len(payload))
         else:
             peer.send(payload, binary)
+
+
+class IdleSweep:
+    """The idle timeout of every open connection of one factory, kept by one timer that runs
+    every quarter of the timeout (at most every minute): a silent client is closed between
+    ``idle`` and ``idle`` plus that interval after its last frame. A timer per connection
+    cost about 800 bytes each, more than a tenth of an idle connection, and Twisted keeps
+    cancelled timers in its heap for a while."""
+
+    def __init__(self, reactor: Any, idle: float):
+        self.reactor = reactor
+        self.idle = idle
+        self.interval = min(idle / 4, 60.0)
+        self.watched: dict[Connection, None] = {}
+        self._call: Any = None
+
+    def add(self, connection: Connection) -> None:
+        self.watched[connection] = None
+        if self._call is None:
+            self._call = self.reactor.callLater(self.interval, self._sweep)
+
+    def discard(self, connection: Connection) -> None:
+        self.watched.pop(connection, None)
+        if not self.watched and self._call is not None:
+            if self._call.active():
+                self._call.cancel()
+            self._call = None
+
+    def _sweep(self) -> None:
+        self._call = None
+        quiet_since = monotonic() - self.idle
+        for connection in [c for c in self.watched if c._heard <= quiet_since]:
+            self.watched.pop(connection, None)
+            try:
+                connection.idle_timeout()
+            except Exception:
+                log.failure("failed to close an idle connection")
+        if self.watched and self._call is None:
+            self._call = self.reactor.callLater(self.interval, self._sweep)
 
 
 class ExactTimer:
@@ -597,6 +771,8 @@ class ExactTimer:
 
 class _TolerantCall:
     # Autobahn may cancel a call that has already run, as its batched calls allow.
+    __slots__ = ("call",)
+
     def __init__(self, call: Any):
         self.call = call
 
@@ -658,7 +834,10 @@ def make_factory(protocol: type[Connection], connections: ConnectionSet, *,
         maxFramePayloadSize=max_frame_size if max_frame_size is not None else max_message_size,
         autoPingInterval=ping_interval,
         autoPingTimeout=ping_timeout if ping_interval else 0,
-        openHandshakeTimeout=open_handshake_timeout,
+        # the listener's handshake deadline (questsig.web) bounds the whole request; Autobahn
+        # reads the handshake it is handed at once, so its own timer would only be armed and
+        # cancelled, and a cancelled timer stays in Twisted's heap for a while
+        openHandshakeTimeout=0,
         closeHandshakeTimeout=close_handshake_timeout,
         utf8validateIncoming=utf8_validate,
         echoCloseCodeReason=True,
@@ -676,6 +855,7 @@ def make_factory(protocol: type[Connection], connections: ConnectionSet, *,
     factory.message_interval = 1.0 / messages_per_second if messages_per_second else 0.0
     factory.message_window = max(1, messages_burst) * factory.message_interval
     factory.idle_timeout = idle_timeout
+    factory.idle_sweep = IdleSweep(factory.reactor, idle_timeout) if idle_timeout else None
     for name, value in attributes.items():
         setattr(factory, name, value)
     # Autobahn copies each of its options from the factory onto every connection that lacks
@@ -683,7 +863,10 @@ def make_factory(protocol: type[Connection], connections: ConnectionSet, *,
     # has them all, once
     factory.protocol = type(protocol.__name__, (protocol,), {
         "__module__": protocol.__module__, "__qualname__": protocol.__qualname__,
-        **{name: _class_option(getattr(factory, name)) for name in protocol.CONFIG_ATTRS}})
+        **{name: _class_option(getattr(factory, name)) for name in protocol.CONFIG_ATTRS},
+        "_fast_limit": min([FAST_FRAME] + [size for size in (factory.maxMessagePayloadSize,
+                                                             factory.maxFramePayloadSize)
+                                           if size > 0])})
     return factory
 
 
