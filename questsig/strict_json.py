@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import re
-from typing import Any, Collection
+from typing import Any, Callable, Collection
 
 MAX_DEPTH = 128
 
@@ -27,26 +27,44 @@ class _Repeated(dict):  # type: ignore[type-arg]
     repeated: frozenset[str] = frozenset()
 
 
-def _keep_repeats(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    value = dict(pairs)
-    if len(value) == len(pairs):
-        return value
-    seen: set[str] = set()
-    repeated: set[str] = set()
-    for name, _ in pairs:
-        (repeated if name in seen else seen).add(name)
-    marked = _Repeated(value)
-    marked.repeated = frozenset(repeated)
-    return marked
+def _repeats_marker(watch: frozenset[str]) -> Callable[[list[tuple[str, Any]]], dict[str, Any]]:
+    def keep_repeats(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+        value = dict(pairs)
+        if len(value) == len(pairs):
+            return value
+        seen: set[str] = set()
+        repeated: set[str] = set()
+        for name, _ in pairs:
+            (repeated if name in seen else seen).add(name)
+        repeated &= watch
+        if not repeated:
+            return value
+        marked = _Repeated(value)
+        marked.repeated = frozenset(repeated)
+        return marked
+
+    return keep_repeats
 
 
-_watching_decoder = json.JSONDecoder(parse_constant=_reject_constant,
-                                     object_pairs_hook=_keep_repeats)
+_WATCHING: dict[frozenset[str], json.JSONDecoder] = {}
+
+
+def _watching_decoder(watch: Collection[str]) -> json.JSONDecoder:
+    """A decoder that marks the objects in which one of the ``watch`` names repeats, made
+    once per set of names (a hub parses every message with the same one)."""
+    key = watch if isinstance(watch, frozenset) else frozenset(watch)
+    decoder = _WATCHING.get(key)
+    if decoder is None:
+        decoder = json.JSONDecoder(parse_constant=_reject_constant,
+                                   object_pairs_hook=_repeats_marker(key))
+        if len(_WATCHING) < 64:
+            _WATCHING[key] = decoder
+    return decoder
 
 
 def duplicates(value: Any) -> frozenset[str]:
-    """The names repeated in the object ``value`` (not in its children), when it was read by
-    :func:`parse` with a ``watch``."""
+    """The ``watch`` names (of :func:`parse`) repeated in the object ``value``, not in its
+    children."""
     return getattr(value, "repeated", frozenset())
 
 
@@ -59,7 +77,7 @@ def parse(text: str, watch: Collection[str] = ()) -> Any:
     # Marking repeats costs one call per object; finding first whether a watched name occurs
     # twice cost more (a scan of the whole text per name: 20 µs for a 3 KB hub message,
     # against 4 µs for the whole parse).
-    decoder = _watching_decoder if watch else _decoder
+    decoder = _watching_decoder(watch) if watch else _decoder
     escapes = "\\u" in text
     try:
         value = decoder.decode(text)

@@ -570,6 +570,18 @@ async def test_invalid_utf8_closes_1007(relay, clients, bad: str, how: str) -> N
     await round_trip(by1, by2, rng)
 
 
+async def test_invalid_utf8_closes_1007_before_the_frame_is_complete(relay, clients) -> None:
+    """The start of a long text frame that is already not UTF-8 closes with 1007 at once, as
+    Autobahn's incremental check does, not once the rest of the frame has come."""
+    server = relay()
+    a, b = await clients.pair(server)
+    frame = client_frame(b"\xff" + text_of(59_999))
+    await a.write(client_frame(b"fine") + frame[:2000])
+    await a.expect_close(1007)
+    await b.expect((TEXT, b"fine"))
+    await partner_left(b)
+
+
 async def test_invalid_utf8_across_fragments_closes_1007(relay, clients) -> None:
     """A character cut between fragments is fine (the mixed-stream test), a sequence that is
     invalid across them is not: 1007, and nothing is delivered of that message."""

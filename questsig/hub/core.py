@@ -74,7 +74,8 @@ _ROUTED = frozenset(ROUTED_FIELDS)
 def _repeats_routed_fields(message: dict[str, Any]) -> bool:
     if strict_json.duplicates(message) & _ROUTED:
         return True
-    # anything repeated inside a subscription: it is stored and used as the hub read it
+    # a subscription field repeated anywhere inside a subscription: it is stored and used as
+    # the hub read it
     stack = [message.get("subscriptionData")]
     while stack:
         item = stack.pop()

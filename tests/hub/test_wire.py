@@ -235,6 +235,11 @@ async def test_duplicate_unrouted_keys_forwarded_as_sent(hub) -> None:
         msg = '{"protocol":"one-to-one","endpoint":"a","data":1,"data":2,"x":{"to":1,"to":2}}'
         await s.send(msg)
         assert await recv(a) == msg
+        # inside a subscription only the subscription's own fields must not repeat
+        msg = ('{"protocol":"one-to-one","endpoint":"a","subscriptionData":'
+               '{"expirationTime":null,"expirationTime":1,"x":{"y":1,"y":2}}}')
+        await s.send(msg)
+        assert await recv(a) == msg
 
 
 async def test_nan_and_deep_nesting(hub) -> None:
