@@ -17,6 +17,7 @@ connection itself, where the per-message cost is a few float operations.
 """
 from __future__ import annotations
 
+import functools
 import ipaddress
 import time
 from typing import Any, Callable, Iterable, Mapping, Sequence
@@ -34,6 +35,7 @@ TOO_FAST = "too many new connections from this address; retry later"
 LOCAL = "local"
 
 
+@functools.lru_cache(maxsize=4096)  # every upgrade parses its peer's address: most repeat
 def parse_address(text: str) -> Address | None:
     """An IP address as proxies write it (``1.2.3.4``, ``1.2.3.4:5678``, ``::1``,
     ``[::1]:80``), IPv4-mapped IPv6 as IPv4; None if it is none."""
@@ -87,6 +89,7 @@ def request_address(request: Any, trusted: Sequence[Network] = ()) -> str:
     return client_address(request.getClientAddress(), forwarded, trusted)
 
 
+@functools.lru_cache(maxsize=4096)
 def limit_key(address: str) -> str:
     """What per-address limits count by: the address, or for IPv6 its /64."""
     if ":" in address:

@@ -1082,10 +1082,11 @@ class WebSocketResource(Resource):
         elif hasattr(transport, "resumeProducing"):
             transport.resumeProducing()
 
-        # Autobahn parses the handshake again from bytes. The target is replayed with any
-        # octet outside printable ASCII escaped, so that odd targets cannot break its parser;
-        # modes read the raw one from ``protocol.request``.
-        data = request.method + b" " + _printable(request.uri) + b" HTTP/1.1\r\n"
+        # Autobahn parses the handshake again from bytes. Its path is replayed with any octet
+        # outside printable ASCII escaped, so that odd targets cannot break its parser, and
+        # without the query, which Autobahn would parse for nothing; modes read the raw target
+        # from ``protocol.request``.
+        data = request.method + b" " + _printable(request.path) + b" HTTP/1.1\r\n"
         for name, values in request.requestHeaders.getAllRawHeaders():
             data += name + b": " + b",".join(values) + b"\r\n"
         data += b"\r\n"
