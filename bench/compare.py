@@ -67,6 +67,8 @@ QUESTSIG = {
 ADDRESS_LIMITS = [getattr(questsig_settings, name) for name in
                   ("MAX_CONNECTIONS_PER_ADDRESS", "CONNECTIONS_PER_ADDRESS_PER_SECOND")
                   if hasattr(questsig_settings, name)]
+#: router handshakes in flight at once (under its per-address failed-attempt burst)
+ROUTER_KEY_CHECKS = 16
 REFERENCE = "peerjs-node"
 ALL = [REFERENCE, *QUESTSIG]
 
@@ -242,8 +244,12 @@ def connections(server: Server, procs, node_modules, core, args) -> dict:
     before = rss_kib(server.proc.pid)
     # every router socket costs a scrypt check of its key (by design): far fewer for it
     conns = args.router_conns if server.kind == "router" else args.conns
+    # the router counts key checks in flight against each address's failed-attempt budget
+    # (a burst of 20): more at once from one address get 429 TooManyFailedAttempts
+    concurrency = min(args.concurrency, ROUTER_KEY_CHECKS) if server.kind == "router" \
+        else args.concurrency
     gens = Generators(procs, server, node_modules, core, 1, phase="connect", conns=conns,
-                      concurrency=args.concurrency)
+                      concurrency=concurrency)
     try:
         cpu0 = cpu_seconds(server.proc.pid)
         result = gens.go()[0]
@@ -417,7 +423,8 @@ def main() -> None:
             f"{args.pairs} pairs, window {args.window}, {args.seconds:g} s per saturation run, "
             f"{args.procs} generator processes; latency {args.rate} frames/s of 200 B for "
             f"{args.latency_seconds:g} s; {args.conns} connections, {args.concurrency} "
-            f"handshakes in flight ({args.router_conns} for router: each router socket costs a "
+            f"handshakes in flight ({args.router_conns} for router, "
+            f"{min(args.concurrency, ROUTER_KEY_CHECKS)} at a time: each router socket costs a "
             f"scrypt check of its key); server on core 0, generator on core 1\n"
             "ratios: questsig / PeerJS (higher is better for msg/s and handshakes, lower for "
             "latency and RSS)\n\n" + table(figures, args) + "\n")

@@ -123,6 +123,7 @@ async function makePair(i) {
     const room = `g${cfg.tag}x${i}`;
     const wb = await open(kind.url(b, room));           // member: isFirst
     const wa = await open(kind.url(a, room));           // joiner: not first
+    keepAlive(wa, wb);
     return { wa, wb, toA: 0, toB: 0 };
   }
   const wa = await open(kind.url(a));
@@ -147,6 +148,15 @@ function stampOf(data) {
   for (let k = i + 1; k < i + 13; k++) v = v * 10 + (data[k] - 48);
   return v / 1000;
 }
+// sigver closes a peer that leaves three heartbeats (20 01) unanswered with 4002: answer them
+function keepAlive(...sockets) {
+  if (cfg.kind !== "sigver") return;
+  for (const ws of sockets) {
+    ws.on("message", (data, isBinary) => {
+      if (isBinary && data.length === 2 && data[0] === 0x20 && data[1] === 0x01) ws.send(data);
+    });
+  }
+}
 function send(ws, frame) {
   ws.send(frame, { binary: !!kind.binary });
 }
@@ -163,6 +173,7 @@ function closedLoop(pairs, seconds) {
       let fBA = cfg.kind === "sigver" ? null : kind.frame(p.toA, body(padFor(p.toA)));
       p.wb.removeAllListeners("message");
       p.wa.removeAllListeners("message");
+      keepAlive(p.wa, p.wb);
       p.wb.on("message", (data) => {
         if (data.indexOf(TILDE) < 0) return;
         count++; last = performance.now();
@@ -197,6 +208,7 @@ function openLoop(pairs, seconds) {
     let n = 0, sent = 0, next = 0;
     for (const p of pairs) {
       p.wb.removeAllListeners("message");
+      keepAlive(p.wb);
       p.wb.on("message", (data) => {
         const ts = stampOf(data);
         if (ts >= 0 && n < lat.length) lat[n++] = performance.now() - ts;
@@ -238,7 +250,9 @@ async function connectMany(held) {
       const name = `i${cfg.tag}x${i}`;
       const url = cfg.kind === "router" ? kind.url(name, cfg.ids[0], false) : kind.url(name);
       try {
-        held.push(await open(url));
+        const ws = await open(url);
+        keepAlive(ws);
+        held.push(ws);
       } catch (e) {
         failed++;
         errors[e.message] = (errors[e.message] || 0) + 1;
