@@ -19,6 +19,11 @@ A mode's protocol subclasses :class:`Connection`, which is what the mode's core 
 * An exception in ``onMessage`` would drop TCP with a traceback, and one in ``onOpen`` would
   leave the socket open and silent; here either closes only that connection with 1011.
 * Autobahn's own warnings name the client's address: they are logged only with request logging.
+
+Autobahn parses frames in pure Python with several callbacks per frame: whole client frames up
+to 64 KiB are read by :meth:`Connection._dataReceived` instead, and server frames are written by
+:func:`frame`; anything unusual still goes through Autobahn. Once open, a connection drops what
+Autobahn kept of the handshake (:meth:`Connection._forget_handshake`).
 """
 from __future__ import annotations
 
