@@ -503,24 +503,34 @@ async def test_a_frame_over_max_message_size_closes_1009(relay, clients, size: s
     pair is undisturbed."""
     rng = random.Random(size)
     server = relay(max_message_size=100)
-    a, b = await clients.pair(server)
-    by1, by2 = await clients.pair(server, b"/bystander")
     big = client_frame(rng.randbytes(OVERSIZE[size]), BINARY, mask=rng.randbytes(4))
     valid = [(TEXT, text_of(100)), (BINARY, b""), (TEXT, b"ok")]
+    await refused_among_valid(server, clients, rng, big, valid, how,
+                              (1, 3, header_length(big)), 1009)
+
+
+async def refused_among_valid(server: Any, clients: Clients, rng: random.Random, bad: bytes,
+                              valid: Frames, how: str, cuts: tuple[int, ...],
+                              code: int) -> None:
+    """A paired client sends the frame ``bad`` alone, after the ``valid`` frames in the same
+    write, or (``how`` "cut") after them with ``bad`` cut at ``cuts`` and read apart, then a
+    frame behind it: the server closes it with ``code``, its partner gets the valid frames and
+    nothing of the rest, then re-queues, and an independent pair is undisturbed."""
+    a, b = await clients.pair(server)
+    by1, by2 = await clients.pair(server, b"/bystander")
     before = b"".join(client_frame(p, op, mask=rng.randbytes(4)) for op, p in valid)
     behind = client_frame(b"never delivered")
     if how == "alone":
-        await a.write(big + behind)
-        delivered = []
+        await a.write(bad + behind)
+        valid = []
     elif how == "after-valid":
-        await a.write(before + big + behind)
-        delivered = valid
+        await a.write(before + bad + behind)
     else:
-        await a.write(before + big[:1], big[1:3], big[3:header_length(big)],
-                      big[header_length(big):] + behind)
-        delivered = valid
-    await a.expect_close(1009)
-    await b.expect(*delivered)
+        bounds = (0, *cuts, len(bad))
+        pieces = [bad[i:j] for i, j in zip(bounds, bounds[1:])]
+        await a.write(before + pieces[0], *pieces[1:-1], pieces[-1] + behind)
+    await a.expect_close(code)
+    await b.expect(*valid)
     await partner_left(b)
     await round_trip(by1, by2, rng)
 
@@ -545,29 +555,12 @@ async def test_invalid_utf8_closes_1007(relay, clients, bad: str, how: str) -> N
     write (delivered first), or cut inside its bad sequence; nothing of it or behind it is
     delivered; an independent pair is undisturbed."""
     rng = random.Random(bad)
-    server = relay()
-    a, b = await clients.pair(server)
-    by1, by2 = await clients.pair(server, b"/bystander")
     payload = BAD_UTF8[bad]
     frame = client_frame(payload, mask=rng.randbytes(4))
     valid = [(TEXT, "ascii, then é中🚀".encode()), (BINARY, b"\xff\xfe")]
-    before = b"".join(client_frame(p, op, mask=rng.randbytes(4)) for op, p in valid)
-    behind = client_frame(b"never delivered")
-    if how == "alone":
-        await a.write(frame + behind)
-        delivered = []
-    elif how == "after-valid":
-        await a.write(before + frame + behind)
-        delivered = valid
-    else:
-        bad_at = header_length(frame) + next(i for i, c in enumerate(payload) if c >= 0x80)
-        await a.write(before + frame[:bad_at], frame[bad_at:bad_at + 1],
-                      frame[bad_at + 1:] + behind)
-        delivered = valid
-    await a.expect_close(1007)
-    await b.expect(*delivered)
-    await partner_left(b)
-    await round_trip(by1, by2, rng)
+    bad_at = header_length(frame) + next(i for i, c in enumerate(payload) if c >= 0x80)
+    await refused_among_valid(relay(), clients, rng, frame, valid, how, (bad_at, bad_at + 1),
+                              1007)
 
 
 async def test_invalid_utf8_closes_1007_before_the_frame_is_complete(relay, clients) -> None:
@@ -648,33 +641,16 @@ PROTOCOL_ERRORS = {
 }
 
 
-@pytest.mark.parametrize("how", ["alone", "after-valid", "first-byte-apart"])
+@pytest.mark.parametrize("how", ["alone", "after-valid", "cut"])
 @pytest.mark.parametrize("bad", list(PROTOCOL_ERRORS), ids=list(PROTOCOL_ERRORS))
 async def test_protocol_errors_close_1002(relay, clients, bad: str, how: str) -> None:
     """Each protocol error closes with 1002, alone, after valid frames in the same write
     (delivered first), or with its first byte at the end of a read and the rest in the next;
     nothing of it or behind it is delivered; an independent pair is undisturbed."""
     rng = random.Random(bad)
-    server = relay()
-    a, b = await clients.pair(server)
-    by1, by2 = await clients.pair(server, b"/bystander")
-    frame = PROTOCOL_ERRORS[bad]
     valid = [(TEXT, b"valid"), (BINARY, rng.randbytes(126)), (TEXT, b"")]
-    before = b"".join(client_frame(p, op, mask=rng.randbytes(4)) for op, p in valid)
-    behind = client_frame(b"never delivered")
-    if how == "alone":
-        await a.write(frame + behind)
-        delivered = []
-    elif how == "after-valid":
-        await a.write(before + frame + behind)
-        delivered = valid
-    else:
-        await a.write(before + frame[:1], frame[1:] + behind)
-        delivered = valid
-    await a.expect_close(1002)
-    await b.expect(*delivered)
-    await partner_left(b)
-    await round_trip(by1, by2, rng)
+    await refused_among_valid(relay(), clients, rng, PROTOCOL_ERRORS[bad], valid,
+                              how, (1,), 1002)
 
 
 # -- 6: masks, byte values, server frame headers -----------------------------------------------------
